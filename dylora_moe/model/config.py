@@ -1,0 +1,103 @@
+"""MoEConfig: every knob of the mixture, validated at construction.
+
+A plain dataclass so recipes (YAML/JSON) map onto it field by field and a bad value
+fails here, with the field's name, before any model is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+ROUTER_INPUTS = ("base_hidden", "embeddings")
+ROUTINGS = ("sequence", "token")
+MIXTURES = ("deltas", "logits")
+BALANCE_LOSSES = ("mse", "switch")
+
+# Attention projections found across common HF causal LMs (Llama/Gemma/Mistral/Phi:
+# q/k/v/o_proj; GPT-NeoX/Falcon/Bloom: query_key_value; GPT-2: c_attn, a Conv1D;
+# MPT/Phi-1: Wqkv). Matched against the last component of a module's name, as PEFT does.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "query_key_value", "c_attn", "Wqkv")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 4
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: Optional[Sequence[str]] = None  # None = auto-detect (DEFAULT_TARGET_MODULES)
+    top_k: int = 1
+    temperature: float = 2.0
+    router_input: str = "base_hidden"
+    routing: str = "sequence"
+    mixture: str = "deltas"
+    balance_coefficient: float = 0.01
+    balance_loss: str = "mse"  # "mse": MSE(mean gate, 1/E) (the original's); "switch": E * sum(f * P)
+    # Maturity of the initial experts. Experts added later (#8) start immature, and any
+    # immature expert keeps eval routing dense.
+    experts_mature: bool = True
+    extra: dict = field(default_factory=dict)  # free-form metadata carried through save/load
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, expected: str):
+            if not ok:
+                raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        need(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an integer >= 1")
+        need(_is_int(self.lora_r) and self.lora_r >= 1, "lora_r", "an integer >= 1")
+        need(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k",
+             f"an integer in [1, num_experts={self.num_experts}]")
+        need(_is_num(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
+        need(_is_num(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
+        need(_is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
+        need(_is_num(self.balance_coefficient) and self.balance_coefficient >= 0, "balance_coefficient",
+             "a number >= 0")
+        need(self.router_input in ROUTER_INPUTS, "router_input", f"one of {ROUTER_INPUTS}")
+        need(self.routing in ROUTINGS, "routing", f"one of {ROUTINGS}")
+        need(self.mixture in MIXTURES, "mixture", f"one of {MIXTURES}")
+        need(self.balance_loss in BALANCE_LOSSES, "balance_loss", f"one of {BALANCE_LOSSES}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            need(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+                 "target_modules", "None or a non-empty list of module names")
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.lora_r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "MoEConfig") -> "MoEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown MoEConfig field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "MoEConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: expected a JSON MoEConfig ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

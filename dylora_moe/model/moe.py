@@ -1,0 +1,322 @@
+"""DyLoRAMoE: a frozen causal LM, E stacked LoRA experts and a router.
+
+    moe = DyLoRAMoE(base_model, MoEConfig(num_experts=4))
+    out = moe(input_ids=..., attention_mask=..., labels=...)   # out.loss, out.routing_weights
+    moe.generate(input_ids, max_new_tokens=64)
+
+One forward = (optionally) a no-grad routing pass with the experts off, the router, and
+ONE base forward in which every stacked layer applies all experts at once (DESIGN §2).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .config import MoEConfig
+from .inject import inject_experts
+from .layer import GateSlot
+from .peft_io import export_expert
+from .router import DynamicHybridRouter, balance_loss, masked_mean
+
+CONFIG_FILE = "moe_config.json"
+WEIGHTS_FILE = "experts.safetensors"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MoEOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None          # lm_loss + balance_coefficient * balance_loss
+    lm_loss: Optional[torch.Tensor] = None       # token-mean cross-entropy over label tokens
+    balance_loss: Optional[torch.Tensor] = None  # unscaled load-balancing loss
+    logits: Optional[torch.Tensor] = None
+    routing_weights: Optional[torch.Tensor] = None  # (B, 1, E) per sequence or (B, T, E) per token
+    num_label_tokens: Optional[torch.Tensor] = None
+
+
+class DyLoRAMoE(nn.Module):
+    def __init__(self, base_model: nn.Module, config: Optional[MoEConfig] = None):
+        super().__init__()
+        self.config = config if config is not None else MoEConfig()
+        base_model.requires_grad_(False)  # frozen, shared, never copied
+        self.base_model = base_model
+        self._slot = GateSlot()
+        # A plain dict on purpose: the layers already live inside base_model, registering
+        # them again would list every expert parameter twice.
+        self.experts = inject_experts(base_model, self.config, self._slot)
+        hidden = base_model.config.get_text_config().hidden_size
+        self.router = DynamicHybridRouter(hidden, self.config.num_experts, self.config.top_k,
+                                          self.config.temperature, mature=self.config.experts_mature)
+        self.router.to(next(iter(self.experts.values())).lora_A.device)
+        self._lora_r = self.config.lora_r
+        self._gate_override: Optional[torch.Tensor] = None
+        self._routing_cache = None
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def expert_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that is not the base: stacked A/B per target layer, router, maturity."""
+        state = {}
+        for name, layer in self.experts.items():
+            state[f"{name}.lora_A"] = layer.lora_A
+            state[f"{name}.lora_B"] = layer.lora_B
+        state["router.gate.weight"] = self.router.gate.weight
+        state["router.expert_maturity"] = self.router.expert_maturity
+        return state
+
+    # ------------------------------------------------------------------ routing
+    @contextlib.contextmanager
+    def experts_disabled(self):
+        """Run the plain base model (used for the routing pass and `--base` generation)."""
+        previous, self._slot.enabled = self._slot.enabled, False
+        try:
+            yield
+        finally:
+            self._slot.enabled = previous
+
+    def set_gates(self, gates: Optional[torch.Tensor]) -> None:
+        """Gates (B, 1|T, E) for the next base forwards, or None to switch experts off."""
+        if gates is None:
+            self._slot.expanded = None
+            return
+        dtype = self.experts_dtype(gates.device.type)
+        self._slot.expanded = gates.repeat_interleave(self._lora_r, dim=-1).to(dtype)
+
+    def experts_dtype(self, device_type: str) -> torch.dtype:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return next(iter(self.experts.values())).lora_A.dtype
+
+    def routing_mask(self, attention_mask: torch.Tensor, labels=None, prompt_mask=None) -> torch.Tensor:
+        """Which tokens the router looks at.
+
+        Sequence routing pools over the prompt only, so training routes on exactly what
+        generation sees. The prompt is `prompt_mask` when given, else the attended tokens
+        without a label; a row with neither falls back to all its attended tokens.
+        Token routing routes every attended token.
+        """
+        attended = attention_mask.bool()
+        if self.config.routing == "token":
+            return attended
+        if prompt_mask is not None:
+            return prompt_mask.bool() & attended
+        if labels is None:
+            return attended
+        prompt = attended & (labels == IGNORE_INDEX)
+        empty = ~prompt.any(dim=1, keepdim=True)
+        return torch.where(empty, attended, prompt)
+
+    @contextlib.contextmanager
+    def override_gates(self, weights):
+        """Route every unit with fixed expert weights (E,), bypassing the router: one-hot
+        to use a single expert, uniform to mix all equally. Used by tests, benchmarks and
+        `generate --expert/--uniform`."""
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape != (self.config.num_experts,):
+            raise ValueError(f"gate override: expected {self.config.num_experts} weights, got {tuple(weights.shape)}")
+        previous, self._gate_override = self._gate_override, weights
+        try:
+            yield
+        finally:
+            self._gate_override = previous
+
+    def route(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None) -> torch.Tensor:
+        """Gates for this batch: (B, 1, E) per sequence, (B, T, E) per token; fp32.
+        `cache`: the routing pass's own KV cache, during token-routed generation."""
+        if self._gate_override is not None:
+            shape = (input_ids.shape[0], 1 if self.config.routing == "sequence" else input_ids.shape[1], -1)
+            return self._gate_override.to(input_ids.device).expand(shape)
+        features = self.routing_features(input_ids, attention_mask, unit_mask, position_ids, cache)
+        if self.config.routing == "sequence":
+            features = masked_mean(features, unit_mask[:, : features.shape[1]])
+        return self.router(features)
+
+    def routing_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None):
+        if self.config.router_input == "embeddings":
+            return self.base_model.get_input_embeddings()(input_ids)
+        if self.config.routing == "sequence" and cache is None:
+            # A causal model's hidden state at a prompt token depends only on the tokens
+            # before it, so the routing pass can stop at the last prompt token.
+            last = int(unit_mask.any(dim=0).nonzero().max()) + 1 if unit_mask.any() else 1
+            input_ids = input_ids[:, :last]
+            attention_mask = attention_mask[:, :last] if attention_mask is not None else None
+            position_ids = position_ids[:, :last] if position_ids is not None else None
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if cache is not None:
+            kwargs.update({self._cache_kwarg: cache, "use_cache": True})
+        with torch.no_grad(), self.experts_disabled():
+            return self.decoder(**kwargs).last_hidden_state
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The base model without its LM head (no 256k-vocab logits for the routing pass)."""
+        return getattr(self.base_model, self.base_model.base_model_prefix)
+
+    @property
+    def _cache_kwarg(self) -> str:
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept both releases.
+        return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
+                num_items_in_batch: Optional[torch.Tensor] = None, **base_kwargs) -> MoEOutput:
+        """`num_items_in_batch`: label tokens over the whole accumulation window, so the
+        loss is normalised by valid tokens, not averaged per micro-batch."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        units = self.routing_mask(attention_mask, labels, prompt_mask)
+        gates = self.route(input_ids, attention_mask, units, base_kwargs.get("position_ids"))
+        if self.config.mixture == "deltas":
+            logits = self._deltas_logits(input_ids, attention_mask, gates, base_kwargs)
+        else:
+            logits = self._mixed_logits(input_ids, attention_mask, gates, base_kwargs)
+        balance = balance_loss(gates, units, self.config.balance_loss)
+        out = MoEOutput(balance_loss=balance, logits=logits, routing_weights=gates)
+        if labels is not None:
+            out.lm_loss, out.num_label_tokens = causal_lm_loss(logits, labels, num_items_in_batch)
+            out.loss = out.lm_loss + self.config.balance_coefficient * balance
+        return out
+
+    def _deltas_logits(self, input_ids, attention_mask, gates, base_kwargs):
+        self.set_gates(gates)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs).logits
+
+    def _mixed_logits(self, input_ids, attention_mask, gates, base_kwargs):
+        """The original algorithm, kept as the reference: one full pass per expert with
+        one-hot gates, logits weighted by the router."""
+        if self.training and _checkpointing(self.base_model):
+            raise ValueError("MoEConfig.mixture='logits' cannot be combined with gradient checkpointing "
+                             "(each recomputed pass would see the last expert's gates); use 'deltas'")
+        num_experts = self.config.num_experts
+        mixed = None
+        for e in range(num_experts):
+            one_hot = F.one_hot(torch.tensor([e], device=gates.device), num_experts).float().view(1, 1, -1)
+            self.set_gates(one_hot)
+            logits_e = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs).logits
+            term = gates[..., e : e + 1] * logits_e.float()
+            mixed = term if mixed is None else mixed + term
+        return mixed
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **gen_kwargs):
+        """HF `generate` on the base model with the KV cache; the router runs on the prompt
+        (sequence routing: gates then stay fixed) or on each new token (token routing),
+        always in eval mode, so sparse top-k."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        was_training = self.training
+        self.eval()
+        hook = self.base_model.register_forward_pre_hook(self._route_for_generation, with_kwargs=True)
+        try:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+        finally:
+            hook.remove()
+            self._routing_cache = None
+            self.train(was_training)
+
+    def _route_for_generation(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        attention_mask = kwargs.get("attention_mask")  # full length (past + new) or None
+        position_ids = kwargs.get("position_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
+        new = input_ids.shape[1]
+        new_mask = attention_mask[:, -new:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if self.config.routing == "sequence":
+            if prefill:  # the whole prompt; every later step keeps these gates
+                self.set_gates(self.route(input_ids, attention_mask, new_mask, position_ids))
+            return None
+        # Token routing: route just the new tokens. The no-grad base_hidden pass keeps a KV
+        # cache of its own (experts off), so it costs one token per step too.
+        if prefill:
+            from transformers import DynamicCache
+
+            self._routing_cache = DynamicCache() if self.config.router_input == "base_hidden" else None
+        self.set_gates(self.route(input_ids, attention_mask, new_mask, position_ids, cache=self._routing_cache))
+        return None
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory) -> Path:
+        """Experts, router and config; never the base model (it is not ours to copy)."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        config = MoEConfig.from_dict(self.config.to_dict())
+        config.target_modules = list(self.experts)  # exact layer names, so loading rebuilds the same
+        config.extra = {**config.extra, "base_model_name_or_path": self._base_name()}
+        config.save(out / CONFIG_FILE)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.expert_state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        return out
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, load_directory) -> "DyLoRAMoE":
+        src = Path(load_directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (src / name).is_file():
+                raise FileNotFoundError(f"{src / name}: missing; expected a directory written by "
+                                        "DyLoRAMoE.save_pretrained")
+        moe = cls(base_model, MoEConfig.load(src / CONFIG_FILE))
+        moe.load_expert_state(load_file(str(src / WEIGHTS_FILE)), source=str(src / WEIGHTS_FILE))
+        return moe
+
+    def load_expert_state(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
+        own = self.expert_state_dict()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{source}: keys do not match this model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for key, target in own.items():
+                if tensors[key].shape != target.shape:
+                    raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
+                                     f"expected {tuple(target.shape)}")
+                target.copy_(tensors[key])
+
+    def export_expert(self, index: int, save_directory) -> Path:
+        """Expert `index` as a standard PEFT LoRA adapter (PeftModel.from_pretrained loads it)."""
+        if not 0 <= index < self.config.num_experts:
+            raise ValueError(f"expert index {index}: expected 0..{self.config.num_experts - 1}")
+        return export_expert(self.base_model, self.experts, index, save_directory,
+                             self.config.lora_alpha, self.config.lora_dropout, self._base_name())
+
+    def _base_name(self) -> Optional[str]:
+        return getattr(self.base_model.config, "_name_or_path", None) or None
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint the base's layers. Non-reentrant on purpose: the reentrant variant
+        runs the forward under no_grad, cutting the gradient to experts and router (the
+        original project disabled checkpointing for that reason)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _checkpointing(model) -> bool:
+    # transformers 5.2x renamed is_gradient_checkpointing to is_activation_checkpointing
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
+    """Next-token cross-entropy summed over label tokens, divided by their count (or by
+    `num_items_in_batch`, the count over the whole accumulation window)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (shift_labels != IGNORE_INDEX).sum()
+    denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp_min(1)
+    return total / denominator, count

@@ -1,0 +1,45 @@
+"""Export one expert as a standard PEFT LoRA adapter directory.
+
+Written by hand (LoraConfig.save_pretrained + a safetensors file) rather than through
+get_peft_model, because that would inject layers into the shared base model in place.
+The key layout is PEFT's: base_model.model.<module>.lora_{A,B}.weight.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .inject import matches
+from .layer import StackedLoRALinear, is_conv1d, is_linear_like
+
+
+def export_expert(base_model, layers: dict[str, StackedLoRALinear], index: int, out_dir,
+                  lora_alpha: float, lora_dropout: float, base_model_name_or_path: str | None) -> Path:
+    from peft import LoraConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(layers.values()))
+    tensors = {}
+    for name, layer in layers.items():
+        a, b = layer.expert_weights(index)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+    config = LoraConfig(
+        r=first.r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
+        task_type="CAUSAL_LM", target_modules=_peft_targets(base_model, list(layers)),
+        fan_in_fan_out=any(is_conv1d(layer.base_layer) for layer in layers.values()),
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _peft_targets(base_model, wrapped: list[str]) -> list[str]:
+    """Short leaf names when they select exactly the wrapped layers, else full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    candidates = {n.removesuffix(".base_layer") for n, m in base_model.named_modules()
+                  if is_linear_like(m) and matches(n.removesuffix(".base_layer"), leaves)}
+    return leaves if candidates == set(wrapped) else sorted(wrapped)

@@ -1,0 +1,69 @@
+"""The router (DESIGN §3): a linear gate hidden -> E, dense while training, sparse in eval.
+
+Pure functions for pooling and the balance loss live here too, so the wrapper only
+decides *what* to route on, not *how*.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DynamicHybridRouter(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1,
+                 temperature: float = 2.0, mature: bool = True):
+        super().__init__()
+        self.num_experts, self.top_k, self.temperature = num_experts, top_k, temperature
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.02)
+        # Per-expert maturity: any immature expert (e.g. one just added) keeps routing
+        # dense even in eval, so it is never starved by top-k before it has learnt.
+        self.register_buffer("expert_maturity", torch.full((num_experts,), mature, dtype=torch.bool))
+
+    @property
+    def sparse(self) -> bool:
+        return not self.training and bool(self.expert_maturity.all())
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        # Gate math in fp32 whatever autocast says: a bf16 softmax over near-equal logits
+        # flips top-k choices. Features are normalised (no parameters) so the temperature
+        # means the same for embeddings and final hidden states of any scale.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            x = features.float()
+            x = F.layer_norm(x, x.shape[-1:])
+            return F.linear(x, self.gate.weight.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (..., hidden) -> gates (..., E), fp32, each row summing to 1."""
+        logits = self.logits(features) / self.temperature
+        if not self.sparse:
+            return logits.softmax(dim=-1)
+        top = logits.topk(self.top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(dim=-1))
+
+
+def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked positions of each row: (B, T, H), (B, T) -> (B, 1, H)."""
+    m = mask.to(features.dtype).unsqueeze(-1)
+    return (features * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def balance_loss(gates: torch.Tensor, unit_mask: torch.Tensor | None, kind: str = "mse") -> torch.Tensor:
+    """Load-balancing loss over the routed units (sequences or tokens).
+
+    gates: (B, 1 or T, E); unit_mask: (B, T) for token routing, ignored for sequences.
+    "mse": MSE(mean gate per expert, 1/E), the original's. "switch": E * sum_e f_e * P_e
+    (Switch Transformer), f = share of units whose top expert is e, P = mean gate.
+    """
+    num_experts = gates.shape[-1]
+    flat = gates.reshape(-1, num_experts).float()
+    if gates.shape[1] > 1 and unit_mask is not None:
+        flat = flat[unit_mask.reshape(-1).bool()]
+    if flat.numel() == 0:
+        return gates.new_zeros((), dtype=torch.float32)
+    mean_gate = flat.mean(dim=0)
+    if kind == "mse":
+        return F.mse_loss(mean_gate, torch.full_like(mean_gate, 1.0 / num_experts))
+    share = F.one_hot(flat.argmax(dim=-1), num_experts).float().mean(dim=0)
+    return num_experts * (share * mean_gate).sum()

@@ -1,0 +1,55 @@
+import os
+
+# Tests never touch the network: make any accidental hub access fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from dylora_moe import DyLoRAMoE, MoEConfig
+from dylora_moe.model.tiny import random_causal_lm, tiny_config
+
+ARCHS = ["gemma", "llama", "gpt2", "gpt_neox"]
+VOCAB = 256
+
+
+def make_base(arch="gemma", seed=0, **shape):
+    return random_causal_lm(tiny_config(arch, vocab_size=VOCAB, **shape), seed=seed)
+
+
+def make_moe(arch="gemma", seed=0, **cfg):
+    cfg.setdefault("lora_dropout", 0.0)
+    torch.manual_seed(seed + 1)
+    return DyLoRAMoE(make_base(arch, seed), MoEConfig(**cfg))
+
+
+def make_batch(batch=3, prompt_lens=(4, 6, 5), answer_lens=(5, 3, 4), seed=0):
+    """Right-padded prompt+answer rows with labels -100 on prompt and padding."""
+    g = torch.Generator().manual_seed(seed)
+    total = max(p + a for p, a in zip(prompt_lens, answer_lens))
+    ids = torch.zeros(batch, total, dtype=torch.long)
+    mask = torch.zeros(batch, total, dtype=torch.long)
+    labels = torch.full((batch, total), -100)
+    prompt = torch.zeros(batch, total, dtype=torch.bool)
+    for i, (p, a) in enumerate(zip(prompt_lens[:batch], answer_lens[:batch])):
+        row = torch.randint(3, VOCAB, (p + a,), generator=g)
+        ids[i, : p + a] = row
+        mask[i, : p + a] = 1
+        labels[i, p : p + a] = row[p:]
+        prompt[i, :p] = True
+    return dict(input_ids=ids, attention_mask=mask, labels=labels), prompt
+
+
+def randomize_experts(moe, seed=0, scale=0.2):
+    """Give every expert a non-zero B (a fresh mixture has B = 0, i.e. equals the base)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moe.experts.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def batch():
+    return make_batch()
