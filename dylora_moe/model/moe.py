@@ -294,6 +294,15 @@ class DyLoRAMoE(nn.Module):
     def _base_name(self) -> Optional[str]:
         return getattr(self.base_model.config, "_name_or_path", None) or None
 
+    def unload(self) -> nn.Module:
+        """Take the experts out again and return the untouched base model."""
+        for name, layer in self.experts.items():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, leaf, layer.base_layer)
+        self.experts = {}
+        return self.base_model
+
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint the base's layers. Non-reentrant on purpose: the reentrant variant
         runs the forward under no_grad, cutting the gradient to experts and router (the

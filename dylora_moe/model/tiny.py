@@ -17,9 +17,10 @@ CODEGEMMA_2B = dict(vocab_size=256000, hidden_size=2048, num_hidden_layers=18, n
 
 def tiny_config(arch: str = "gemma", vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 1, intermediate_size: int = 128,
-                max_positions: int = 512, head_dim: int | None = None):
+                max_positions: int = 512, head_dim: int | None = None, initializer_range: float = 0.02):
     head_dim = head_dim or hidden_size // num_heads
-    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  initializer_range=initializer_range)
     if arch == "gemma":
         return GemmaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
                            num_hidden_layers=num_layers, num_attention_heads=num_heads,

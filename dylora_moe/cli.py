@@ -1,0 +1,22 @@
+"""`dylora-moe <command>`: one entry point; each command lives in its own module."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    from . import demo
+
+    parser = argparse.ArgumentParser(prog="dylora-moe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser("demo", help="offline demo: tiny random Gemma, 4 experts, CPU, seconds")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.main)
+    args = parser.parse_args(argv)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
