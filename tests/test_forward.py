@@ -143,3 +143,18 @@ def test_bf16_autocast_and_fp32():
     assert abs(fp32.lm_loss.item() - out.lm_loss.item()) < 0.05
     grads = [p.grad for p in moe.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_base_weights_without_autocast():
+    """A base loaded in bf16 (as on GPU) with fp32 adapters: runs, trains, gates stay fp32."""
+    from conftest import VOCAB
+    from dylora_moe.model.tiny import random_causal_lm, tiny_config
+
+    base = random_causal_lm(tiny_config("gemma", vocab_size=VOCAB), dtype=torch.bfloat16)
+    moe = DyLoRAMoE(base, MoEConfig(num_experts=4, lora_dropout=0.0))
+    randomize_experts(moe)
+    out = moe(**make_batch()[0])
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and out.routing_weights.dtype == torch.float32
+    assert next(iter(moe.experts.values())).lora_A.dtype == torch.float32
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in moe.trainable_parameters())

@@ -10,6 +10,7 @@ ONE base forward in which every stacked layer applies all experts at once (DESIG
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,7 @@ class DyLoRAMoE(nn.Module):
         """The base model without its LM head (no 256k-vocab logits for the routing pass)."""
         return getattr(self.base_model, self.base_model.base_model_prefix)
 
-    @property
+    @functools.cached_property
     def _cache_kwarg(self) -> str:
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both releases.
         return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
