@@ -53,3 +53,23 @@ def randomize_experts(moe, seed=0, scale=0.2):
 @pytest.fixture
 def batch():
     return make_batch()
+
+
+def shared_data_dir():
+    """The real reference files: $DYLORA_DATA_DIR, else ../shared/data beside the repo."""
+    from pathlib import Path
+
+    env = os.environ.get("DYLORA_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture
+def shared_file():
+    def find(name):
+        root = shared_data_dir()
+        if root is None or not (root / name).is_file():
+            pytest.skip(f"reference data {name} not found (set DYLORA_DATA_DIR)")
+        return root / name
+
+    return find

@@ -26,7 +26,7 @@ from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
 from .peft_io import export_expert
-from .router import DynamicHybridRouter, balance_loss, masked_mean
+from .router import DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean, segment_validity
 
 CONFIG_FILE = "moe_config.json"
 WEIGHTS_FILE = "experts.safetensors"
@@ -131,30 +131,40 @@ class DyLoRAMoE(nn.Module):
         finally:
             self._gate_override = previous
 
-    def route(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None) -> torch.Tensor:
-        """Gates for this batch: (B, 1, E) per sequence, (B, T, E) per token; fp32.
-        `cache`: the routing pass's own KV cache, during token-routed generation."""
-        if self._gate_override is not None:
-            shape = (input_ids.shape[0], 1 if self.config.routing == "sequence" else input_ids.shape[1], -1)
-            return self._gate_override.to(input_ids.device).expand(shape)
-        features = self.routing_features(input_ids, attention_mask, unit_mask, position_ids, cache)
+    def route(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None,
+              segment_ids=None) -> torch.Tensor:
+        """Gates for this batch, fp32: (B, 1, E) per sequence, (B, S, E) per packed
+        segment, (B, T, E) per token. `cache`: the routing pass's own KV cache, during
+        token-routed generation."""
         if self.config.routing == "sequence":
-            features = masked_mean(features, unit_mask[:, : features.shape[1]])
+            units = 1 if segment_ids is None else int(segment_ids.max()) + 1
+        else:
+            units = input_ids.shape[1]
+        if self._gate_override is not None:
+            return self._gate_override.to(input_ids.device).expand(input_ids.shape[0], units, -1)
+        features = self.routing_features(input_ids, attention_mask, unit_mask, position_ids, cache,
+                                         truncate=segment_ids is None)
+        if self.config.routing == "sequence":
+            if segment_ids is None:
+                features = masked_mean(features, unit_mask[:, : features.shape[1]])
+            else:
+                features = segment_mean(features, unit_mask, segment_ids, units)
         return self.router(features)
 
-    def routing_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None):
+    def routing_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None, truncate=True):
         if self.config.router_input == "embeddings":
             return self.base_model.get_input_embeddings()(input_ids)
-        if self.config.routing == "sequence" and cache is None:
+        if self.config.routing == "sequence" and cache is None and truncate:
             # A causal model's hidden state at a prompt token depends only on the tokens
             # before it, so the routing pass can stop at the last prompt token.
             last = int(unit_mask.any(dim=0).nonzero().max()) + 1 if unit_mask.any() else 1
             input_ids = input_ids[:, :last]
             attention_mask = attention_mask[:, :last] if attention_mask is not None else None
             position_ids = position_ids[:, :last] if position_ids is not None else None
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": cache is not None}
         if cache is not None:
-            kwargs.update({self._cache_kwarg: cache, "use_cache": True})
+            kwargs[self._cache_kwarg] = cache
         with torch.no_grad(), self.experts_disabled():
             return self.decoder(**kwargs).last_hidden_state
 
@@ -171,18 +181,35 @@ class DyLoRAMoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
-                num_items_in_batch: Optional[torch.Tensor] = None, **base_kwargs) -> MoEOutput:
+                num_items_in_batch: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
+                source_id: Optional[torch.Tensor] = None, **base_kwargs) -> MoEOutput:
         """`num_items_in_batch`: label tokens over the whole accumulation window, so the
-        loss is normalised by valid tokens, not averaged per micro-batch."""
+        loss is normalised by valid tokens, not averaged per micro-batch.
+        `segment_ids` (B, T; -1 on padding): packed rows, several examples per row, with
+        `position_ids` restarting at each; each example is routed on its own prompt and
+        attends only to itself. `source_id` is for analytics and not used here."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        packed = segment_ids is not None
+        if packed and base_kwargs.get("position_ids") is None:
+            raise ValueError("segment_ids (packed rows) need position_ids restarting at every example")
+        # Packed rows: no 2D mask, so transformers builds a block-diagonal causal mask
+        # from the restarting position_ids (no attention across packed examples).
+        base_mask = None if packed else attention_mask
+        # No KV cache in a training/scoring forward: it only costs memory, and transformers
+        # ignores packing (restarting position_ids) when a cache is present.
+        base_kwargs.setdefault("use_cache", False)
         units = self.routing_mask(attention_mask, labels, prompt_mask)
-        gates = self.route(input_ids, attention_mask, units, base_kwargs.get("position_ids"))
+        gates = self.route(input_ids, base_mask, units, base_kwargs.get("position_ids"), segment_ids=segment_ids)
+        token_gates, balance_mask = gates, units
+        if packed and self.config.routing == "sequence":
+            token_gates = expand_segments(gates, segment_ids)
+            balance_mask = segment_validity(segment_ids, gates.shape[1])
         if self.config.mixture == "deltas":
-            logits = self._deltas_logits(input_ids, attention_mask, gates, base_kwargs)
+            logits = self._deltas_logits(input_ids, base_mask, token_gates, base_kwargs)
         else:
-            logits = self._mixed_logits(input_ids, attention_mask, gates, base_kwargs)
-        balance = balance_loss(gates, units, self.config.balance_loss)
+            logits = self._mixed_logits(input_ids, base_mask, token_gates, base_kwargs)
+        balance = balance_loss(gates, balance_mask, self.config.balance_loss)
         out = MoEOutput(balance_loss=balance, logits=logits, routing_weights=gates)
         if labels is not None:
             out.lm_loss, out.num_label_tokens = causal_lm_loss(logits, labels, num_items_in_batch)

@@ -49,10 +49,36 @@ def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (features * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
+def segment_mean(features: torch.Tensor, mask: torch.Tensor, segment_ids: torch.Tensor,
+                 num_segments: int) -> torch.Tensor:
+    """Mean over the masked positions of each packed segment: -> (B, S, H).
+    segment_ids (B, T) numbers the examples of a row 0..S-1 and is -1 on padding."""
+    batch, _, hidden = features.shape
+    weight = (mask.bool() & (segment_ids >= 0)).to(features.dtype)
+    index = segment_ids.clamp_min(0)
+    sums = features.new_zeros(batch, num_segments, hidden).scatter_add_(
+        1, index.unsqueeze(-1).expand(-1, -1, hidden), features * weight.unsqueeze(-1))
+    counts = features.new_zeros(batch, num_segments).scatter_add_(1, index, weight)
+    return sums / counts.clamp_min(1.0).unsqueeze(-1)
+
+
+def expand_segments(gates: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Per-segment gates (B, S, E) -> per-token gates (B, T, E); padding gets zeros (base only)."""
+    index = segment_ids.clamp_min(0).unsqueeze(-1).expand(-1, -1, gates.shape[-1])
+    return gates.gather(1, index) * (segment_ids >= 0).unsqueeze(-1).to(gates.dtype)
+
+
+def segment_validity(segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(B, S) True where row b really has a segment s (rows hold different counts)."""
+    per_row = segment_ids.max(dim=1, keepdim=True).values + 1
+    return torch.arange(num_segments, device=segment_ids.device).unsqueeze(0) < per_row
+
+
 def balance_loss(gates: torch.Tensor, unit_mask: torch.Tensor | None, kind: str = "mse") -> torch.Tensor:
     """Load-balancing loss over the routed units (sequences or tokens).
 
-    gates: (B, 1 or T, E); unit_mask: (B, T) for token routing, ignored for sequences.
+    gates: (B, U, E) with U = 1 (sequence), S (packed segments) or T (tokens);
+    unit_mask: (B, U) which units are real, ignored when U = 1.
     "mse": MSE(mean gate per expert, 1/E), the original's. "switch": E * sum_e f_e * P_e
     (Switch Transformer), f = share of units whose top expert is e, P = mean gate.
     """

@@ -1,0 +1,82 @@
+"""DataConfig / SourceConfig: what to load, how to split, mix and tokenize it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+SOURCE_NAMES = ("code_alpaca", "mbpp", "jsonl", "demo")
+
+
+@dataclass
+class SourceConfig:
+    name: str                       # one of SOURCE_NAMES
+    path: Optional[str] = None      # local file; None = the hub dataset (code_alpaca, mbpp)
+    weight: float = 1.0             # relative sampling weight when interleaving
+    family: Optional[str] = None    # demo only: "numbers" or "strings" (None = both)
+    label: Optional[str] = None     # name carried to each batch for routing analytics
+
+    def __post_init__(self):
+        if self.name not in SOURCE_NAMES:
+            raise ValueError(f"data.sources: unknown source {self.name!r}; known sources are {list(SOURCE_NAMES)}")
+        if self.name == "jsonl" and not self.path:
+            raise ValueError("data.sources: source 'jsonl' needs a path to a local .json/.jsonl file")
+        if not isinstance(self.weight, (int, float)) or self.weight <= 0:
+            raise ValueError(f"data.sources[{self.name}].weight={self.weight!r}: expected a number > 0")
+        if self.label is None:
+            self.label = f"{self.name}:{self.family}" if self.family else self.name
+
+
+@dataclass
+class DataConfig:
+    sources: list = field(default_factory=lambda: [SourceConfig("code_alpaca"), SourceConfig("mbpp")])
+    interleaved_sampling: bool = True     # balanced draws across sources (weights), else concatenate
+    stopping_strategy: str = "all_exhausted"  # interleave until every source was seen once
+    mbpp_split: str = "random"            # "random": 70/10/20 seeded; "official": task_id ranges
+    training_subset: float = 100.0        # percent of each source's train split
+    eval_subset: float = 100.0            # percent of each source's validation/test split
+    max_seq_length: int = 1024
+    overlong: str = "truncate"            # "truncate" or "drop" examples longer than max_seq_length
+    train_on_prompt: bool = False         # False: prompt tokens get label -100
+    packing: bool = False                 # several examples per row, no attention across them
+    seed: int = 42
+    demo_examples: int = 600              # per demo family
+
+    def __post_init__(self):
+        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**_source_dict(s)) for s in self.sources]
+        if not self.sources:
+            raise ValueError("data.sources: expected at least one source")
+        labels = [s.label for s in self.sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"data.sources: labels must be unique, got {labels}; set `label` to tell them apart")
+        _choice(self, "stopping_strategy", ("first_exhausted", "all_exhausted"))
+        _choice(self, "mbpp_split", ("random", "official"))
+        _choice(self, "overlong", ("truncate", "drop"))
+        for name in ("training_subset", "eval_subset"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 100:
+                raise ValueError(f"data.{name}={value!r}: expected a percentage in (0, 100]")
+        if not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
+            raise ValueError(f"data.max_seq_length={self.max_seq_length!r}: expected an integer >= 8")
+        if not isinstance(self.demo_examples, int) or self.demo_examples < 10:
+            raise ValueError(f"data.demo_examples={self.demo_examples!r}: expected an integer >= 10")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _source_dict(s) -> dict:
+    if isinstance(s, str):
+        return {"name": s}
+    if isinstance(s, dict):
+        known = {f.name for f in dataclasses.fields(SourceConfig)}
+        unknown = sorted(set(s) - known)
+        if unknown:
+            raise ValueError(f"data.sources: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        return s
+    raise ValueError(f"data.sources: expected a source name or mapping, got {s!r}")
+
+
+def _choice(cfg, name, options):
+    if getattr(cfg, name) not in options:
+        raise ValueError(f"data.{name}={getattr(cfg, name)!r}: expected one of {list(options)}")

@@ -1,0 +1,113 @@
+"""Read local .json / .jsonl files row by row, skipping and counting bad rows.
+
+A bad row never stops a run: it is skipped, counted by reason, and the first few are
+named (file:line) in the log. A missing file or one with no usable row is an error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+logger = logging.getLogger(__name__)
+MAX_NAMED = 5
+
+
+@dataclass
+class BadRows:
+    """Skipped rows of one file: counts per reason and the first few places."""
+    path: str
+    counts: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < MAX_NAMED:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def log(self) -> None:
+        if self.total:
+            logger.warning("%s: skipped %d bad row(s) %s; first: %s", self.path, self.total,
+                           dict(self.counts), "; ".join(self.examples))
+
+
+def read_rows(path, validate: Callable[[dict], Optional[str]]) -> tuple[list[dict], BadRows]:
+    """Rows of a .json (a list of objects) or .jsonl (one object a line) file.
+
+    `validate(row)` returns None for a usable row, else the reason to skip it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    bad = BadRows(str(path))
+    raw = path.read_bytes()
+    rows = []
+    for where, row, reason in _parse(path, raw):
+        if reason is None:
+            reason = validate(row) if isinstance(row, dict) else "not a JSON object"
+        if reason is None and _has_undecodable(row):
+            reason = "undecodable bytes"
+        if reason is None:
+            rows.append(row)
+        else:
+            bad.add(where, reason)
+    bad.log()
+    if not rows:
+        raise ValueError(f"{path}: no usable rows ({bad.total} skipped: {dict(bad.counts)})")
+    return rows, bad
+
+
+def _parse(path: Path, raw: bytes) -> Iterable[tuple[str, object, Optional[str]]]:
+    if path.suffix == ".json" and raw.lstrip()[:1] == b"[":
+        # A JSON array: undecodable bytes are kept as surrogates and the rows holding
+        # them are skipped one by one, instead of losing the whole file.
+        try:
+            data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        for i, row in enumerate(data):
+            yield f"{path}:[{i}]", row, None
+        return
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield where, None, "undecodable bytes"
+            continue
+        try:
+            yield where, json.loads(text), None
+        except json.JSONDecodeError:
+            yield where, None, "invalid JSON"
+
+
+def _has_undecodable(value) -> bool:
+    if isinstance(value, str):
+        return any("\udc80" <= ch <= "\udcff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_undecodable(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_undecodable(v) for v in value)
+    return False
+
+
+def require_strings(row: dict, fields, non_empty=()) -> Optional[str]:
+    """The common check: listed fields present and strings; some of them non-empty."""
+    for name in fields:
+        if name not in row:
+            return f"missing field {name!r}"
+        if not isinstance(row[name], str):
+            return f"field {name!r} is {type(row[name]).__name__}, expected a string"
+    for name in non_empty:
+        if not row[name].strip():
+            return f"empty {name!r}"
+    return None

@@ -1,0 +1,110 @@
+"""The data sources: each turns raw rows into formatted Examples split by its own rules.
+
+    code_alpaca  hub sahil280114/codealpaca (data/code_alpaca_20k.json) or a local file; 90/10
+    mbpp         hub google-research-datasets/mbpp ("full") or a local mbpp.jsonl; 70/10/20
+                 seeded, or the official task_id ranges
+    jsonl        any local instruction/input/output file; 90/10
+    demo         generated Python tasks (offline); 90/10
+"""
+from __future__ import annotations
+
+from .config import DataConfig, SourceConfig
+from .demo_tasks import FAMILIES, demo_rows
+from .formatting import Example, instruction_example, mbpp_example
+from .readers import read_rows, require_strings
+from .splits import dedupe, fraction_split
+
+CODE_ALPACA_HUB = ("sahil280114/codealpaca", "data/code_alpaca_20k.json")
+MBPP_HUB = ("google-research-datasets/mbpp", "full")
+TRAIN_VALIDATION = {"train": 0.9, "validation": 0.1}
+MBPP_RANDOM = {"train": 0.7, "validation": 0.1, "test": 0.2}
+# Official MBPP split by task_id (1-10 are the few-shot prompt examples: used by none).
+MBPP_OFFICIAL = {"train": (601, 974), "validation": (511, 600), "test": (11, 510)}
+
+
+def load_source(source: SourceConfig, data: DataConfig) -> dict[str, list[Example]]:
+    """{split name: examples} for one configured source."""
+    loaders = {"code_alpaca": _code_alpaca, "jsonl": _instruction_file, "mbpp": _mbpp, "demo": _demo}
+    return loaders[source.name](source, data)
+
+
+def validate_instruction_row(row: dict):
+    reason = require_strings(row, ("instruction", "output"), non_empty=("instruction", "output"))
+    if reason is None and row.get("input") is not None and not isinstance(row["input"], str):
+        return f"field 'input' is {type(row['input']).__name__}, expected a string"
+    return reason
+
+
+def validate_mbpp_row(row: dict):
+    reason = require_strings(row, ("text", "code"), non_empty=("text", "code"))
+    if reason is not None:
+        return reason
+    if not isinstance(row.get("task_id"), int):
+        return "missing or non-integer 'task_id'"
+    tests = row.get("test_list")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        return "'test_list' must be a non-empty list of strings"
+    return None
+
+
+def _code_alpaca(source, data):
+    if source.path:
+        return _instruction_file(source, data)
+    from datasets import load_dataset
+
+    repo, file = CODE_ALPACA_HUB
+    rows = _validated(load_dataset(repo, data_files=file, split="train"), validate_instruction_row, repo)
+    return _split_instructions(rows, source, data, repo)
+
+
+def _instruction_file(source, data):
+    rows, _ = read_rows(source.path, validate_instruction_row)
+    return _split_instructions(rows, source, data, source.path)
+
+
+def _split_instructions(rows, source, data, where):
+    examples = [instruction_example(row, source.label, str(i)) for i, row in enumerate(rows)]
+    return fraction_split(dedupe(examples, where), TRAIN_VALIDATION, data.seed)
+
+
+def _mbpp(source, data):
+    if source.path:
+        rows, _ = read_rows(source.path, validate_mbpp_row)
+        where = source.path
+    else:
+        from datasets import concatenate_datasets, load_dataset
+
+        repo, config = MBPP_HUB
+        where = repo
+        # The hub copy is pre-split (train/test/validation/prompt): join and re-split by our rules.
+        rows = _validated(concatenate_datasets(list(load_dataset(repo, config).values())), validate_mbpp_row, repo)
+    examples = [mbpp_example(row, source.label) for row in sorted(rows, key=lambda r: r["task_id"])]
+    if data.mbpp_split == "official":
+        by_id = {int(ex["id"]): ex for ex in examples}
+        return {name: [by_id[i] for i in range(lo, hi + 1) if i in by_id] for name, (lo, hi) in MBPP_OFFICIAL.items()}
+    return fraction_split(dedupe(examples, str(where)), MBPP_RANDOM, data.seed)
+
+
+def _demo(source, data):
+    families = [source.family] if source.family else list(FAMILIES)
+    examples = []
+    for family in families:
+        rows = demo_rows(family, data.demo_examples, data.seed)
+        examples += [instruction_example(row, source.label, f"{family}-{i}") for i, row in enumerate(rows)]
+    return fraction_split(dedupe(examples, f"demo:{','.join(families)}"), TRAIN_VALIDATION, data.seed)
+
+
+def _validated(rows, validate, where) -> list[dict]:
+    from .readers import BadRows
+
+    bad, good = BadRows(str(where)), []
+    for i, row in enumerate(rows):
+        reason = validate(row)
+        if reason is None:
+            good.append(row)
+        else:
+            bad.add(f"{where}[{i}]", reason)
+    bad.log()
+    if not good:
+        raise ValueError(f"{where}: no usable rows ({bad.total} skipped)")
+    return good
