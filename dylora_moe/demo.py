@@ -1,85 +1,109 @@
-"""The offline demo: a tiny random Gemma-architecture model with 4 experts learns two
-token-level task families, printing loss and routing as it goes. No network, ~10 s on CPU.
+"""The offline demo: a tiny random Gemma-architecture model with 4 experts learns the two
+generated Python task families of the `demo` data source (list/number functions and
+string functions), printing loss and routing per source as it goes. No network, CPU.
 
-Issue #3/#4 replace the synthetic token tasks with the real data pipeline and training
-loop; this stays as the smallest end-to-end picture of the model core.
+It runs the real data pipeline (splits, local byte-level BPE tokenizer, interleaving,
+prompt masking) and the real model; #4 moves it onto the Accelerate training loop.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
+from .data import DataCollator, DataConfig, build_datasets, build_demo_tokenizer, load_examples
 from .model import DyLoRAMoE, MoEConfig
 from .model.tiny import random_causal_lm, tiny_config
 
-VOCAB = 128
-FAMILIES = ("count", "mirror")  # two clearly different tasks, so experts can specialise
-
-
-def make_batch(family: str, batch_size: int, generator: torch.Generator):
-    """count:  [BOS, 3, a]          -> a+1 ... a+6      (numbers go up)
-    mirror: [BOS, 4, x1 .. x6]   -> x6 ... x1        (reverse the prompt)"""
-    rows, prompt_len = [], None
-    for _ in range(batch_size):
-        if family == "count":
-            a = int(torch.randint(10, VOCAB - 10, (1,), generator=generator))
-            prompt, answer = [1, 3, a], [a + i for i in range(1, 7)]
-        else:
-            xs = torch.randint(10, VOCAB, (6,), generator=generator).tolist()
-            prompt, answer = [1, 4, *xs], xs[::-1]
-        rows.append(prompt + answer + [2])  # EOS ends the answer and is learnt
-        prompt_len = len(prompt)
-    ids = torch.tensor([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])
-    labels = ids.clone()
-    labels[:, :prompt_len] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-# A random 2-layer model is a weak base: the demo adapts the MLPs too, and widens the
-# init (HF's 0.02 gives near-uniform logits through the tied embeddings).
+SOURCES = [{"name": "demo", "family": "numbers"}, {"name": "demo", "family": "strings"}]
+# A random base is weak: the demo adapts the MLPs too, and widens the init (HF's 0.02
+# gives near-uniform logits through the tied embeddings).
 DEMO_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run(steps: int = 200, num_experts: int = 4, seed: int = 0, batch_size: int = 8, lr: float = 1e-2) -> dict:
+def run(steps: int = 300, num_experts: int = 4, seed: int = 0, batch_size: int = 8, lr: float = 1e-2,
+        output_dir: str | None = "runs/demo", log_every: int = 50) -> dict:
     torch.manual_seed(seed)
-    base = random_causal_lm(tiny_config("gemma", vocab_size=VOCAB, hidden_size=64, num_layers=2,
-                                        intermediate_size=256, initializer_range=0.1), seed=seed)
+    data_cfg = DataConfig(sources=SOURCES, max_seq_length=256, seed=seed, demo_examples=600)
+    examples = load_examples(data_cfg)
+    tokenizer = build_demo_tokenizer(ex["prompt"] + ex["answer"] for s in examples.values() for ex in s["train"])
+    bundle = build_datasets(data_cfg, tokenizer, examples)
+    base = random_causal_lm(tiny_config("gemma", vocab_size=len(tokenizer), hidden_size=128, num_layers=2,
+                                        intermediate_size=512, initializer_range=0.1), seed=seed)
     moe = DyLoRAMoE(base, MoEConfig(num_experts=num_experts, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                                    target_modules=DEMO_TARGETS, balance_coefficient=0.01))
-    params = sum(p.numel() for p in moe.trainable_parameters())
-    print(f"tiny Gemma ({sum(p.numel() for p in base.parameters()) - params:,} frozen params), "
-          f"{num_experts} experts in {len(moe.experts)} layers ({params:,} trainable)")
-    optimizer = torch.optim.AdamW(moe.trainable_parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    moe.train()
-    for step in range(1, steps + 1):
-        family = FAMILIES[step % 2]
-        out = moe(**make_batch(family, batch_size, generator))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        if step % 40 in (0, 1) or step == 2:
-            mean_gate = out.routing_weights.mean(dim=(0, 1))
-            print(f"step {step:3d}  {family:6s}  loss {out.loss.item():.3f}  lm {out.lm_loss.item():.3f}  "
-                  f"balance {out.balance_loss.item():.2e}  gates {fmt(mean_gate)}")
+                                    target_modules=DEMO_TARGETS, temperature=0.5, balance_coefficient=0.01))
+    trainable = sum(p.numel() for p in moe.trainable_parameters())
+    print(f"data: {len(bundle.train)} train rows from {bundle.sources}, tokenizer of {len(tokenizer)} tokens")
+    print(f"model: tiny Gemma ({sum(p.numel() for p in base.parameters()) - trainable:,} frozen params), "
+          f"{num_experts} experts in {len(moe.experts)} layers ({trainable:,} trainable)")
 
-    moe.eval()
-    usage, losses = {}, {}
-    with torch.no_grad():
-        for family in FAMILIES:
-            batch = make_batch(family, 64, generator)
+    collate = DataCollator(tokenizer.pad_token_id)
+    loader = DataLoader(bundle.train, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.AdamW(moe.trainable_parameters(), lr=lr)
+    moe.train()
+    step = 0
+    while step < steps:
+        for batch in loader:
+            step += 1
             out = moe(**batch)
-            usage[family], losses[family] = out.routing_weights.mean(dim=(0, 1)), out.lm_loss.item()
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            if step % log_every == 0 or step == 1:
+                print(f"step {step:4d}  loss {out.loss.item():.3f}  lm {out.lm_loss.item():.3f}  "
+                      f"balance {out.balance_loss.item():.2e}  "
+                      + "  ".join(f"{name} {fmt(w)}" for name, w in gates_by_source(out, batch, bundle.sources)))
+            if step == steps:
+                break
+
+    report = evaluate(moe, bundle, collate)
+    prompt = examples["demo:numbers"]["validation"][0]["prompt"]
+    ids = tokenizer(prompt, return_tensors="pt")
+    generated = moe.generate(ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=40,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    completion = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    print("generate (numbers prompt) ->", repr(completion[:120]))
+    if output_dir:
+        out_dir = Path(output_dir)
+        moe.save_pretrained(out_dir / "experts")
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+        print(f"saved experts and tokenizer under {out_dir}/")
+    return report
+
+
+def gates_by_source(out, batch, sources):
+    weights = out.routing_weights.mean(dim=1)  # (B, E)
+    for i, name in enumerate(sources):
+        rows = batch["source_id"] == i
+        if rows.any():
+            yield name, weights[rows].mean(dim=0)
+
+
+@torch.no_grad()
+def evaluate(moe, bundle, collate, batch_size: int = 32) -> dict:
+    """Validation loss per source with eval (top-k) routing and with training's dense
+    routing, plus how often each expert is chosen per source."""
+    moe.eval()
+    report = {}
+    for name, dataset in bundle.validation.items():
+        losses, dense_losses, usage = [], [], []
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+            out = moe(**batch)
+            losses.append(out.lm_loss.item())
+            usage.append(out.routing_weights.mean(dim=1))
             moe.router.train()  # the same batch with training's dense gates, for comparison
-            dense = moe(**batch).lm_loss.item()
+            dense_losses.append(moe(**batch).lm_loss.item())
             moe.router.eval()
-            print(f"eval {family:6s}  lm top-{moe.config.top_k} {losses[family]:.3f} (dense {dense:.3f})  "
-                  f"expert usage {fmt(usage[family])}")
-    sample = make_batch("count", 1, generator)["input_ids"][:, :3]
-    generated = moe.generate(sample, max_new_tokens=7, do_sample=False, pad_token_id=0)
-    print(f"generate count {sample[0].tolist()} -> {generated[0, 3:].tolist()}")
-    return {"usage": usage, "eval_loss": losses}
+        usage = torch.cat(usage).mean(dim=0)
+        report[name] = {"loss": sum(losses) / len(losses), "dense_loss": sum(dense_losses) / len(dense_losses),
+                        "usage": usage}
+        print(f"eval {name:13s} lm top-{moe.config.top_k} {report[name]['loss']:.3f} "
+              f"(dense {report[name]['dense_loss']:.3f})  expert usage {fmt(usage)}")
+    moe.train()
+    return report
 
 
 def fmt(weights: torch.Tensor) -> str:
@@ -87,10 +111,11 @@ def fmt(weights: torch.Tensor) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--num_experts", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="runs/demo")
 
 
 def main(args: argparse.Namespace) -> None:
-    run(steps=args.steps, num_experts=args.num_experts, seed=args.seed)
+    run(steps=args.steps, num_experts=args.num_experts, seed=args.seed, output_dir=args.output_dir)
