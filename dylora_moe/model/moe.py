@@ -10,6 +10,7 @@ ONE base forward in which every stacked layer applies all experts at once (DESIG
 from __future__ import annotations
 
 import contextlib
+import re
 import functools
 import inspect
 from dataclasses import dataclass
@@ -357,3 +358,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     count = (shift_labels != IGNORE_INDEX).sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp_min(1)
     return total / denominator, count
+
+
+_EXPERT_KEY = re.compile(r"(^|\.)lora_[AB]$|^(module\.)?router\.")
+
+
+def is_expert_key(key: str) -> bool:
+    """State-dict keys that belong to the mixture (stacked experts, router), not the base."""
+    return bool(_EXPERT_KEY.search(key))

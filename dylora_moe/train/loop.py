@@ -1,0 +1,426 @@
+"""The training loop (DESIGN §5): one Accelerate loop for CPU, one GPU, DDP and
+DeepSpeed ZeRO-2 (with CPU optimizer offload), with exact resume and preemption.
+
+    accelerate launch -m dylora_moe.train --config configs/demo.yaml
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import build_datasets, load_examples
+from ..data.collate import IGNORE_INDEX
+from . import build
+from .checkpoint import CheckpointManager, complete_checkpoints, resolve_resume
+from .config import RunConfig
+from .evaluate import evaluate
+from .monitor import MetricsLog, RoutingStats, expert_grad_norms, save_usage_heatmap
+from .preemption import EXIT_PREEMPTED, PreemptionFlag
+
+logger = logging.getLogger("dylora_moe.train")
+
+
+@dataclass
+class TrainState:
+    """Counters restored on resume (registered with accelerator.save_state)."""
+    step: int = 0              # optimizer steps done
+    epoch: int = 0             # current pass over the (interleaved) training stream
+    batch_in_epoch: int = 0    # micro-batches of this epoch already consumed (per process)
+    best_eval: float = math.inf
+    evals_without_improvement: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(EXIT_PREEMPTED)
+
+
+def train(cfg: RunConfig) -> dict:
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    check_output_dir(run_dir, t.resume_from_checkpoint)
+    examples = load_examples(cfg.data)  # reads and validates every data file: fails before any heavy work
+    resume_from = resolve_resume(t.resume_from_checkpoint, run_dir / "checkpoints")
+
+    accelerator = make_accelerator(cfg, run_dir)
+    _configure_logging(accelerator)
+    from accelerate.utils import set_seed
+
+    set_seed(t.seed)  # identical initialisation on every rank
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / ("recipe.yaml" if resume_from is None else f"recipe-resume-{int(time.time())}.yaml"))
+    tokenizer = build.build_tokenizer(cfg, examples, run_dir, accelerator)
+    bundle = build_datasets(cfg.data, tokenizer, examples)
+    moe = build.build_moe(cfg, build.build_base_model(cfg, tokenizer, run_dir, accelerator))
+    train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
+
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    optimizer = build.build_optimizer(moe, cfg, cpu_offload=deepspeed and _offloads_optimizer(accelerator))
+    if deepspeed:
+        _fill_deepspeed_auto(accelerator, cfg)
+    # The schedule drives our own optimizer object, which DeepSpeed steps as is.
+    raw_optimizer = optimizer
+    model, optimizer, train_loader = accelerator.prepare(moe, optimizer, train_loader)
+    eval_loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
+    total_steps = t.max_steps or max(1, math.floor(t.num_epochs * len(train_loader) / t.gradient_accumulation_steps))
+    scheduler = build.build_scheduler(raw_optimizer, cfg, total_steps)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    _install_expert_only_checkpoints(accelerator, deepspeed)
+
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from), **({"load_module_strict": False} if deepspeed else {"strict": False}))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
+                    state.batch_in_epoch)
+    else:
+        set_seed(t.seed, device_specific=True)  # different dropout per rank from here on
+    if t.log_with:
+        accelerator.init_trackers(t.project_name, config=_flat_config(cfg))
+
+    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", t.keep_last,
+                                    {"exclude_frozen_parameters": True} if deepspeed else {})
+    loop = Loop(cfg, accelerator, model, optimizer, scheduler, state, deepspeed, bundle.sources)
+    metrics = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    unwrapped = accelerator.unwrap_model(model)
+    portable = lambda d: write_portable(unwrapped, tokenizer, cfg, d)
+    preemption = PreemptionFlag().install()
+    if accelerator.is_main_process:
+        logger.info("training %d optimizer steps (%d micro-batches of %d per step per process, %d process(es)); "
+                    "%d trainable parameters", total_steps, t.gradient_accumulation_steps, t.train_batch_size,
+                    accelerator.num_processes, sum(p.numel() for p in unwrapped.trainable_parameters()))
+
+    batches = micro_batches(train_loader, state)
+    progress = _progress(accelerator, total_steps, state.step)
+    stopped_early = False
+    last_saved = state.step if resume_from is not None else -1
+    while state.step < total_steps:
+        record = loop.step([next(batches) for _ in range(t.gradient_accumulation_steps)],
+                           with_details=state.step % t.log_every == t.log_every - 1 or state.step + 1 == total_steps)
+        progress.update(1)
+        if record is not None:
+            metrics.log(record, state.step)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        is_last = state.step == total_steps
+        if (t.eval_every and state.step % t.eval_every == 0) or is_last:
+            stopped_early = run_eval(accelerator, model, eval_loaders, unwrapped, state, cfg, metrics, run_dir)
+        if (t.save_every and state.step % t.save_every == 0) or is_last or stopped_early:
+            checkpoints.save(state.step, portable, {"epoch": state.epoch})
+            last_saved = state.step
+        if preemption.agreed(accelerator):
+            if last_saved != state.step:
+                checkpoints.save(state.step, portable, {"epoch": state.epoch, "preempted": True})
+            logger.warning("SIGTERM: saved at step %d, exiting with %d to be restarted", state.step, EXIT_PREEMPTED)
+            accelerator.end_training()
+            raise Preempted()
+        if stopped_early:
+            logger.info("early stopping at step %d", state.step)
+            break
+    progress.close()
+
+    summary = finish(accelerator, unwrapped, tokenizer, cfg, run_dir, state, metrics)
+    accelerator.end_training()
+    preemption.uninstall()
+    return summary
+
+
+class Loop:
+    """One optimizer step = gradient_accumulation_steps micro-batches."""
+
+    def __init__(self, cfg, accelerator, model, optimizer, scheduler, state, deepspeed, sources):
+        self.cfg, self.acc, self.model, self.optimizer, self.scheduler = cfg, accelerator, model, optimizer, scheduler
+        self.state, self.deepspeed, self.sources = state, deepspeed, sources
+        self.moe = accelerator.unwrap_model(model)
+        self.params = self.moe.trainable_parameters()
+        self.routing = RoutingStats(cfg.moe.num_experts, len(sources), accelerator.device)
+        self.started = time.perf_counter()
+        self.tokens_since_log = 0
+
+    def step(self, window: list[dict], with_details: bool):
+        acc, t = self.acc, self.cfg.train
+        label_tokens = self._global_label_tokens(window)
+        # Loss normalised by the label tokens of the whole window on all ranks; backward
+        # divides by the accumulation steps (Accelerate / DeepSpeed) and the mean over
+        # ranks (DDP / ZeRO), so scale that back: each token weighs the same everywhere.
+        scale = t.gradient_accumulation_steps * acc.num_processes
+        lm_sum = balance_sum = 0.0
+        finite_batches = 0
+        norms = grad_norm = None
+        for batch in window:
+            with acc.accumulate(self.model):
+                out = self.model(**batch, num_items_in_batch=label_tokens)
+                finite = self._all_finite(out.loss)
+                if finite:
+                    loss = out.lm_loss * scale + self.cfg.moe.balance_coefficient * out.balance_loss
+                    lm_sum += out.lm_loss.item()
+                    balance_sum += out.balance_loss.item()
+                    finite_batches += 1
+                    self.routing.add(out.routing_weights, batch.get("source_id"))
+                    self.state.nonfinite_in_a_row = 0
+                else:
+                    # Skip this batch: a zero loss over the trainable parameters keeps every
+                    # rank in the same collectives, and adds nothing to the gradient.
+                    loss = sum((p * 0.0).sum() for p in self.params)
+                    self.state.nonfinite_total += 1
+                    self.state.nonfinite_in_a_row += 1
+                    if self.state.nonfinite_in_a_row >= t.max_consecutive_nonfinite:
+                        raise FloatingPointError(
+                            f"non-finite loss in {self.state.nonfinite_in_a_row} micro-batches in a row (step "
+                            f"{self.state.step + 1}); lower train.learning_rate or check the data "
+                            f"(limit: train.max_consecutive_nonfinite={t.max_consecutive_nonfinite})")
+                norms, grad_norm = self._backward_and_step(loss, with_details, finite_batches > 0)
+            self.tokens_since_log += int(batch["attention_mask"].sum())
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.scheduler.step()
+        self.state.step += 1
+        if not with_details:
+            return None
+        return self._record(lm_sum, balance_sum, finite_batches, norms, grad_norm, lr)
+
+    def _backward_and_step(self, loss, with_details, any_finite):
+        acc, norms, grad_norm = self.acc, None, None
+        if not acc.sync_gradients:
+            acc.backward(loss)
+            return None, None
+        if self.deepspeed:
+            # The boundary step by hand (what Accelerate's DeepSpeed wrapper does), to read
+            # the reduced expert gradients between DeepSpeed's backward and its step.
+            engine = self.model
+            engine.set_gradient_accumulation_boundary(is_boundary=True)
+            engine.backward(loss)
+            if with_details:
+                norms = expert_grad_norms(self.moe, self.cfg.moe.num_experts, is_deepspeed=True)
+            engine.step()  # clipping (gradient_clipping), optimizer step, zero_grad
+            grad_norm = engine.get_global_grad_norm()
+            return norms, float(grad_norm) if grad_norm is not None else None
+        acc.backward(loss)
+        if with_details:
+            norms = expert_grad_norms(self.moe, self.cfg.moe.num_experts, is_deepspeed=False)
+        if self.cfg.train.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+        if any_finite:  # a window of only non-finite batches makes no step at all
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms, grad_norm
+
+    def _global_label_tokens(self, window) -> torch.Tensor:
+        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+        total = self.acc.reduce(torch.tensor([count], device=self.acc.device, dtype=torch.float32), "sum")
+        return total.clamp_min(1.0).squeeze(0)
+
+    def _all_finite(self, loss) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.acc.device)
+        return self.acc.reduce(flag, "sum").item() == 0
+
+    def _record(self, lm_sum, balance_sum, finite_batches, norms, grad_norm, lr) -> dict:
+        acc = self.acc
+        sums = acc.reduce(torch.tensor([lm_sum, balance_sum, float(finite_batches), float(self.tokens_since_log)],
+                                       device=acc.device, dtype=torch.float64), "sum")
+        lm = sums[0].item()  # each rank holds its share of the window's global token mean
+        balance = sums[1].item() / max(sums[2].item(), 1.0)
+        elapsed = time.perf_counter() - self.started
+        routing = self.routing.reduced(acc)
+        record = {
+            "step": self.state.step, "epoch": self.state.epoch, "loss": lm, "lm_loss": lm, "balance_loss": balance,
+            "total_loss": lm + self.cfg.moe.balance_coefficient * balance,
+            "lr": lr, "grad_norm": grad_norm, "expert_grad_norm": norms,
+            "tokens_per_s": sums[3].item() / max(elapsed, 1e-9), "memory_gib": _memory_gib(),
+            "nonfinite_skipped": self.state.nonfinite_total, **routing,
+            "gate_mean_by_source": dict(zip(self.sources, routing["gate_mean_by_source"])),
+        }
+        self.state.tokens_seen += int(sums[3].item())
+        self.routing = RoutingStats(self.cfg.moe.num_experts, len(self.sources), acc.device)
+        self.started, self.tokens_since_log = time.perf_counter(), 0
+        return record
+
+
+def micro_batches(loader, state: TrainState):
+    """The training stream across epochs, resuming at (epoch, batch_in_epoch)."""
+    from accelerate import skip_first_batches
+
+    while True:
+        loader.set_epoch(state.epoch)  # the seedable sampler reshuffles per epoch
+        current = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in current:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def run_eval(accelerator, model, loaders, moe, state, cfg, metrics, run_dir) -> bool:
+    """Evaluate, log, plot; True when early stopping says stop."""
+    if not loaders:
+        return False
+    results = evaluate(accelerator, model, loaders, cfg.moe.num_experts)
+    mean_loss = sum(r["loss"] for r in results.values()) / len(results)
+    metrics.log({"step": state.step, "eval": results, "eval_loss": mean_loss}, state.step)
+    if accelerator.is_main_process:
+        plots = run_dir / "plots"
+        plots.mkdir(exist_ok=True)
+        save_usage_heatmap({k: v["gate_mean"] for k, v in results.items()}, plots / f"usage-step{state.step}.png",
+                           f"expert usage by source, step {state.step}")
+        logger.info("eval step %d: %s", state.step,
+                    ", ".join(f"{k} loss {v['loss']:.4f}" for k, v in results.items()))
+    patience = cfg.train.early_stopping_patience
+    if mean_loss < state.best_eval:
+        state.best_eval, state.evals_without_improvement = mean_loss, 0
+    else:
+        state.evals_without_improvement += 1
+    return bool(patience) and state.evals_without_improvement >= patience
+
+
+def finish(accelerator, moe, tokenizer, cfg, run_dir, state, metrics) -> dict:
+    """Cross-rank weight check, the final portable model, and where everything is."""
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for p in moe.trainable_parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    checksums = gather_object([digest.hexdigest()])
+    metrics.log({"step": state.step, "final": True, "weights_sha256_per_rank": checksums,
+                 "nonfinite_skipped": state.nonfinite_total}, state.step)
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"ranks ended with different expert weights: {checksums}")
+    final = run_dir / "final"
+    if accelerator.is_main_process:
+        if final.exists():
+            logger.info("%s already exists (a finished run): left untouched", final)
+        else:
+            tmp = final.with_name("final.tmp")
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            write_portable(moe, tokenizer, cfg, tmp)
+            tmp.rename(final)
+        print(f"done: {state.step} steps. outputs in {run_dir}/: final/ (experts, PEFT adapters, tokenizer), "
+              f"checkpoints/, metrics.jsonl, plots/", flush=True)
+    accelerator.wait_for_everyone()
+    return {"step": state.step, "final_dir": str(final), "weights_sha256": checksums[0]}
+
+
+def write_portable(moe, tokenizer, cfg, out_dir) -> None:
+    """What a user takes away: experts + router + config, each expert as a PEFT adapter,
+    the tokenizer and the recipe. The base model is referenced, never copied."""
+    out_dir = Path(out_dir)
+    moe.save_pretrained(out_dir / "experts")
+    for i in range(moe.config.num_experts):
+        moe.export_expert(i, out_dir / f"peft_expert_{i}")
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    cfg.save(out_dir / "recipe.yaml")
+
+
+def check_output_dir(run_dir: Path, resume: str | None) -> None:
+    """A fresh run never writes into a directory that already holds a run."""
+    if resume:
+        return
+    existing = complete_checkpoints(run_dir / "checkpoints")
+    if existing or (run_dir / "final").exists():
+        raise ValueError(f"train.output_dir={str(run_dir)!r} already holds a run (checkpoints or final/); resume it "
+                         "with --resume_from_checkpoint auto, or choose another --output_dir")
+
+
+def make_accelerator(cfg, run_dir):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without this, DeepSpeed on CPU starts every rank as rank 0 of 1 (FIELD-NOTES).
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(
+        mixed_precision="bf16" if cfg.train.bf16 else "no",
+        # Sync every N micro-batches by count, not at the end of each epoch: the stream
+        # runs across epochs and checkpoints always fall on optimizer-step boundaries.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=cfg.train.log_with or None, project_dir=str(run_dir), kwargs_handlers=handlers)
+
+
+def _offloads_optimizer(accelerator) -> bool:
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    return (zero.get("offload_optimizer") or {}).get("device") == "cpu"
+
+
+def _fill_deepspeed_auto(accelerator, cfg) -> None:
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
+    if ds.get("zero_force_ds_cpu_optimizer", True) and _offloads_optimizer(accelerator):
+        raise ValueError("DeepSpeed config: set \"zero_force_ds_cpu_optimizer\": false with optimizer offload "
+                         "(otherwise the optimizer is swapped and the LR freezes after a resume)")
+
+
+def _install_expert_only_checkpoints(accelerator, deepspeed: bool) -> None:
+    """Checkpoints hold the experts and router, never the frozen base. DeepSpeed is told
+    so with exclude_frozen_parameters; plain save_state gets the state dict filtered."""
+    if deepspeed:
+        return
+    from safetensors import safe_open
+
+    from ..model.moe import is_expert_key
+
+    def drop_base(models, weights, output_dir):
+        for state in weights:
+            for key in [k for k in state if not is_expert_key(k)]:
+                del state[key]
+
+    def check_complete(models, input_dir):
+        path = Path(input_dir) / "model.safetensors"
+        with safe_open(str(path), "pt") as f:
+            saved = set(f.keys())
+        wanted = {k for k in models[0].state_dict() if is_expert_key(k)}
+        missing = sorted(wanted - saved)
+        if missing:
+            raise ValueError(f"{path}: missing expert weights {missing[:3]} ({len(missing)} in all)")
+
+    accelerator.register_save_state_pre_hook(drop_base)
+    accelerator.register_load_state_pre_hook(check_complete)
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _progress(accelerator, total, initial):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="train",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _flat_config(cfg) -> dict:
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _configure_logging(accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "accelerate", "matplotlib", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,136 @@
+"""What the loop reports: routing statistics, per-expert gradient norms, metrics.jsonl,
+Accelerate trackers and the expert-usage-by-source heat-map."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+class RoutingStats:
+    """Running sums over one logging window (local to a rank until `reduced`)."""
+
+    def __init__(self, num_experts: int, num_sources: int, device):
+        self.gate_sum = torch.zeros(num_experts, device=device, dtype=torch.float64)
+        self.top1 = torch.zeros(num_experts, device=device, dtype=torch.float64)
+        self.entropy = torch.zeros((), device=device, dtype=torch.float64)
+        self.units = torch.zeros((), device=device, dtype=torch.float64)
+        self.by_source = torch.zeros(num_sources, num_experts, device=device, dtype=torch.float64)
+        self.source_units = torch.zeros(num_sources, device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, gates: torch.Tensor, source_id: torch.Tensor | None) -> None:
+        """gates (B, U, E) (one unit per sequence / packed segment / token)."""
+        g = gates.detach().double()
+        if source_id is not None and source_id.dim() == 2:  # packed: one source per segment
+            valid = source_id >= 0
+            per_unit, sources = g[valid], source_id[valid]
+        else:
+            per_unit = g.mean(dim=1)  # per sequence
+            sources = source_id
+        self.gate_sum += per_unit.sum(0)
+        self.top1 += torch.bincount(per_unit.argmax(-1), minlength=per_unit.shape[-1]).double()
+        self.entropy += -(per_unit.clamp_min(1e-12).log() * per_unit).sum()
+        self.units += per_unit.shape[0]
+        if sources is not None:
+            self.by_source.index_add_(0, sources.to(self.by_source.device), per_unit)
+            self.source_units += torch.bincount(sources, minlength=len(self.source_units)).double()
+
+    def reduced(self, accelerator) -> dict:
+        tensors = [self.gate_sum, self.top1, self.entropy.view(1), self.units.view(1), self.by_source.flatten(),
+                   self.source_units]
+        flat = accelerator.reduce(torch.cat([t.flatten() for t in tensors]), reduction="sum")
+        e, s = len(self.gate_sum), len(self.source_units)
+        gate_sum, top1, entropy, units = flat[:e], flat[e:2 * e], flat[2 * e], flat[2 * e + 1]
+        by_source = flat[2 * e + 2: 2 * e + 2 + s * e].view(s, e)
+        source_units = flat[2 * e + 2 + s * e:]
+        n = max(units.item(), 1.0)
+        return {"gate_mean": (gate_sum / n).tolist(), "usage_top1": (top1 / n).tolist(),
+                "router_entropy": entropy.item() / n,
+                "gate_mean_by_source": (by_source / source_units.clamp_min(1).unsqueeze(1)).tolist()}
+
+
+def expert_grad_norms(moe, num_experts: int, is_deepspeed: bool) -> list[float]:
+    """L2 norm of each expert's gradient over all its layers (A and B slices).
+
+    Under ZeRO-2 `param.grad` is None or a partition: deepspeed's safe_get_full_grad
+    assembles the full reduced gradient (a collective: every rank must call this)."""
+    if is_deepspeed:
+        from deepspeed.utils import safe_get_full_grad as full_grad
+    else:
+        def full_grad(p):
+            return p.grad
+    squares = torch.zeros(num_experts, dtype=torch.float64)
+    for layer in moe.experts.values():
+        r = layer.r
+        for param, axis in ((layer.lora_A, 0), (layer.lora_B, 1)):
+            grad = full_grad(param)
+            if grad is None:
+                continue
+            per_expert = grad.detach().double().unflatten(axis, (num_experts, r))
+            dims = [d for d in range(per_expert.dim()) if d != axis]
+            squares += per_expert.pow(2).sum(dim=dims).cpu()
+    return squares.sqrt().tolist()
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process (always), plus Accelerate trackers."""
+
+    def __init__(self, accelerator, path: Path):
+        self.accelerator, self.path = accelerator, Path(path)
+
+    def log(self, record: dict, step: int) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(_jsonable(record)) + "\n")
+        scalars = {k: v for k, v in _flatten(record).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.accelerator.log(scalars, step=step)
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            out.update({f"{name}/{i}": v for i, v in enumerate(value)})
+        else:
+            out[name] = value
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def save_usage_heatmap(usage_by_source: dict[str, list[float]], path: Path, title: str) -> None:
+    """Rows: data sources; columns: experts; cells: mean gate weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(usage_by_source)
+    data = [usage_by_source[n] for n in names]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(data[0]), 1.0 + 0.5 * len(names)))
+    image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(data[0])), [str(i) for i in range(len(data[0]))])
+    ax.set_xlabel("expert")
+    ax.set_yticks(range(len(names)), names)
+    for i, row in enumerate(data):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
