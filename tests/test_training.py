@@ -136,3 +136,18 @@ def test_from_pretrained_errors_name_the_file(tmp_path):
     make_moe(num_experts=2).save_pretrained(tmp_path / "two")
     with pytest.raises(ValueError, match=r"experts\.safetensors.*shape"):
         DyLoRAMoE.from_pretrained(make_base(hidden_size=32, num_heads=2), tmp_path / "two")
+
+
+def test_state_dict_is_the_mixture_only_even_with_tied_weights():
+    moe = make_moe("gemma", num_experts=2)  # Gemma ties lm_head to the embeddings
+    keys = set(moe.state_dict())
+    assert keys == set(moe.expert_state_dict())
+    assert not any("embed" in k or "lm_head" in k for k in keys)
+    wrapped = torch.nn.Module()
+    wrapped.module = moe
+    assert set(wrapped.state_dict()) == {f"module.{k}" for k in keys}  # as DDP sees it
+    other = make_moe("gemma", num_experts=2, seed=3)
+    other.load_state_dict(moe.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), moe.state_dict().values()))
+    with pytest.raises(RuntimeError, match="missing"):
+        other.load_state_dict({k: v for k, v in moe.state_dict().items() if "router" not in k})

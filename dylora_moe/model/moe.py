@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import OrderedDict
 import functools
 import inspect
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers.utils import ModelOutput
 
 from .config import MoEConfig
@@ -65,6 +67,28 @@ class DyLoRAMoE(nn.Module):
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The mixture's own state only: stacked experts, router, maturity. The frozen
+        base is not ours and never saved, so accelerator.save_state, DeepSpeed (whose
+        exclude_frozen_parameters misses tied weights like lm_head) and DDP all write
+        checkpoints of the experts alone."""
+        full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        out = destination if destination is not None else OrderedDict()
+        for key, value in full.items():
+            if is_expert_key(key[len(prefix):]):
+                out[key] = value
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads the mixture's state; `strict` checks exactly those keys (the base is left as is)."""
+        own = set(self.state_dict())
+        missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"DyLoRAMoE.load_state_dict: missing {missing[:3]} ({len(missing)}), "
+                               f"unexpected {unexpected[:3]} ({len(unexpected)})")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
+        return _IncompatibleKeys(missing, unexpected)
 
     def expert_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not the base: stacked A/B per target layer, router, maturity."""

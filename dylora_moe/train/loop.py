@@ -85,10 +85,10 @@ def train(cfg: RunConfig) -> dict:
     scheduler = build.build_scheduler(raw_optimizer, cfg, total_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    _install_expert_only_checkpoints(accelerator, deepspeed)
 
     if resume_from is not None:
-        accelerator.load_state(str(resume_from), **({"load_module_strict": False} if deepspeed else {"strict": False}))
+        # DyLoRAMoE.state_dict holds the experts and router only, so strict loading checks exactly those.
+        accelerator.load_state(str(resume_from))
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
                     state.batch_in_epoch)
     else:
@@ -97,7 +97,7 @@ def train(cfg: RunConfig) -> dict:
         accelerator.init_trackers(t.project_name, config=_flat_config(cfg))
 
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", t.keep_last,
-                                    {"exclude_frozen_parameters": True} if deepspeed else {})
+                                    {"exclude_frozen_parameters": True} if deepspeed else {})  # belt and braces
     loop = Loop(cfg, accelerator, model, optimizer, scheduler, state, deepspeed, bundle.sources)
     metrics = MetricsLog(accelerator, run_dir / "metrics.jsonl")
     unwrapped = accelerator.unwrap_model(model)
@@ -369,33 +369,6 @@ def _fill_deepspeed_auto(accelerator, cfg) -> None:
     if ds.get("zero_force_ds_cpu_optimizer", True) and _offloads_optimizer(accelerator):
         raise ValueError("DeepSpeed config: set \"zero_force_ds_cpu_optimizer\": false with optimizer offload "
                          "(otherwise the optimizer is swapped and the LR freezes after a resume)")
-
-
-def _install_expert_only_checkpoints(accelerator, deepspeed: bool) -> None:
-    """Checkpoints hold the experts and router, never the frozen base. DeepSpeed is told
-    so with exclude_frozen_parameters; plain save_state gets the state dict filtered."""
-    if deepspeed:
-        return
-    from safetensors import safe_open
-
-    from ..model.moe import is_expert_key
-
-    def drop_base(models, weights, output_dir):
-        for state in weights:
-            for key in [k for k in state if not is_expert_key(k)]:
-                del state[key]
-
-    def check_complete(models, input_dir):
-        path = Path(input_dir) / "model.safetensors"
-        with safe_open(str(path), "pt") as f:
-            saved = set(f.keys())
-        wanted = {k for k in models[0].state_dict() if is_expert_key(k)}
-        missing = sorted(wanted - saved)
-        if missing:
-            raise ValueError(f"{path}: missing expert weights {missing[:3]} ({len(missing)} in all)")
-
-    accelerator.register_save_state_pre_hook(drop_base)
-    accelerator.register_load_state_pre_hook(check_complete)
 
 
 def _memory_gib() -> float:

@@ -1,0 +1,113 @@
+"""The loop's guards and reports, in-process on one CPU process."""
+import json
+import math
+
+import pytest
+import torch
+from launch import SMALL, env
+
+from dylora_moe.model import DyLoRAMoE
+from dylora_moe.train.config import load_recipe
+
+
+@pytest.fixture
+def fresh_accelerate(monkeypatch, tmp_path):
+    for key, value in env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def recipe(tmp_path, *extra):
+    return load_recipe(SMALL[1], SMALL[2:] + ["--output_dir", str(tmp_path / "run"), *extra])
+
+
+def records(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def poison(monkeypatch, calls_to_poison):
+    """Make the given forward calls (1-based) return a NaN loss."""
+    original, count = DyLoRAMoE.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        count["n"] += 1
+        if self.training and count["n"] in calls_to_poison:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(DyLoRAMoE, "forward", forward)
+
+
+def test_a_nonfinite_batch_is_skipped_and_counted(tmp_path, monkeypatch, fresh_accelerate):
+    from dylora_moe.train.loop import train
+
+    poison(monkeypatch, {3})
+    summary = train(recipe(tmp_path, "--max_steps", "4"))
+    assert summary["step"] == 4
+    steps = [r for r in records(tmp_path) if "loss" in r]
+    assert steps[-1]["nonfinite_skipped"] == 1
+    assert all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_too_many_nonfinite_batches_in_a_row_stop_with_a_clear_error(tmp_path, monkeypatch, fresh_accelerate):
+    from dylora_moe.train.loop import train
+
+    poison(monkeypatch, set(range(1, 100)))
+    with pytest.raises(FloatingPointError, match="max_consecutive_nonfinite=3"):
+        train(recipe(tmp_path, "--max_steps", "4"))
+
+
+def test_early_stopping_after_patience(tmp_path, monkeypatch, fresh_accelerate):
+    import dylora_moe.train.loop as loop
+
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"demo:numbers": {
+        "loss": next(losses), "perplexity": 1.0, "tokens": 1, "gate_mean": [0.25] * 4}})
+    summary = loop.train(recipe(tmp_path, "--max_steps", "20", "--eval_every", "1", "--early_stopping_patience", "2"))
+    assert summary["step"] == 4  # evals at 1 (1.0), 2 (0.5 best), 3, 4: two without improvement
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-4").is_dir()
+
+
+def test_metrics_trackers_and_heatmap(tmp_path, fresh_accelerate):
+    from dylora_moe.train.loop import train
+
+    train(recipe(tmp_path, "--max_steps", "4", "--eval_every", "2", "--log_with", "[tensorboard, wandb]"))
+    run = tmp_path / "run"
+    step = [r for r in records(tmp_path) if "loss" in r][-1]
+    for key in ("loss", "lm_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "memory_gib", "router_entropy"):
+        assert isinstance(step[key], float) and math.isfinite(step[key]), key
+    assert len(step["expert_grad_norm"]) == 4 and all(g > 0 for g in step["expert_grad_norm"])
+    assert len(step["usage_top1"]) == 4 and abs(sum(step["gate_mean"]) - 1) < 1e-6
+    assert set(step["gate_mean_by_source"]) == {"demo:numbers", "demo:strings"}
+    evals = [r for r in records(tmp_path) if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert set(evals[-1]["eval"]) == {"demo:numbers", "demo:strings"}
+    assert all(v["tokens"] > 0 and v["perplexity"] == pytest.approx(math.exp(v["loss"]))
+               for v in evals[-1]["eval"].values())
+    assert (run / "plots" / "usage-step2.png").is_file() and (run / "plots" / "usage-step4.png").is_file()
+    assert list(run.rglob("events.out.tfevents.*")), "tensorboard wrote nothing"
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb (offline) wrote nothing"
+
+
+def test_expert_grad_norms_match_the_full_gradient(tmp_path):
+    """Per-expert norms split the stacked gradients correctly: squares add up to the total."""
+    from conftest import make_batch, make_moe, randomize_experts
+
+    from dylora_moe.train.monitor import expert_grad_norms
+
+    moe = make_moe(num_experts=3)
+    randomize_experts(moe)
+    moe(**make_batch()[0]).loss.backward()
+    norms = torch.tensor(expert_grad_norms(moe, 3, is_deepspeed=False), dtype=torch.float64)
+    total = torch.sqrt(sum((l.lora_A.grad.double() ** 2).sum() + (l.lora_B.grad.double() ** 2).sum()
+                           for l in moe.experts.values()))
+    assert torch.allclose(norms.pow(2).sum().sqrt(), total, rtol=1e-9)
+    layer = next(iter(moe.experts.values()))
+    layer.lora_A.grad[layer.r:2 * layer.r] = 0  # expert 1's A gradient in one layer
+    assert expert_grad_norms(moe, 3, is_deepspeed=False)[1] < norms[1]
