@@ -63,7 +63,8 @@ def test_fresh_run_refuses_a_directory_that_holds_a_run(tmp_path):
     done = run("single", SMALL + ["--max_steps", "2", "--output_dir", str(out)], tmp_path)
     assert done.returncode == 0, explain(done)
     prints = fingerprint(out)
-    again = run("single", SMALL + ["--max_steps", "2", "--output_dir", str(out)], tmp_path)
+    again = run("single", SMALL + ["--max_steps", "2", "--output_dir", str(out), "--resume_from_checkpoint", "none"],
+                tmp_path)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "resume" in again.stderr
     assert fingerprint(out) == prints
 

@@ -19,25 +19,35 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 @torch.no_grad()
 def evaluate(accelerator, model, loaders: dict, num_experts: int) -> dict:
-    """{source: {loss, perplexity, tokens, gate_mean}} over the (sharded) eval loaders;
-    gather_for_metrics drops the padding samples of the last uneven batch."""
+    """{source: {loss, perplexity, tokens, gate_mean, dense_loss}} over the (sharded) eval
+    loaders; gather_for_metrics drops the padding samples of the last uneven batch.
+
+    `loss` routes as inference does (sparse top-k); `dense_loss` routes the same batches
+    with training's dense gates. A large gap means top-k inference is not the function
+    that was trained (README: "dense training vs. sparse eval")."""
     was_training = model.training
     model.eval()
     results = {}
     for source, loader in loaders.items():
-        loss_sum, tokens, gate_sum, rows = 0.0, 0, torch.zeros(num_experts, dtype=torch.float64), 0
+        loss_sum, dense_sum, tokens, gate_sum, rows = 0.0, 0.0, 0, torch.zeros(num_experts, dtype=torch.float64), 0
+        router = accelerator.unwrap_model(model).router
         for batch in loader:
             batch = dict(batch)
             out = model(**batch)
             loss, count = per_example_loss(out.logits, batch["labels"])
+            router.train()  # dense gates, everything else still in eval mode (no dropout)
+            dense, _ = per_example_loss(model(**batch).logits, batch["labels"])
+            router.eval()
             gates = out.routing_weights.float().mean(dim=1)
-            loss, count, gates = accelerator.gather_for_metrics((loss, count, gates))
+            loss, dense, count, gates = accelerator.gather_for_metrics((loss, dense, count, gates))
             loss_sum += loss.double().sum().item()
+            dense_sum += dense.double().sum().item()
             tokens += int(count.sum().item())
             gate_sum += gates.double().sum(dim=0).cpu()
             rows += gates.shape[0]
         mean = loss_sum / max(tokens, 1)
         results[source] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens,
+                           "dense_loss": dense_sum / max(tokens, 1),
                            "gate_mean": (gate_sum / max(rows, 1)).tolist()}
     model.train(was_training)
     return results

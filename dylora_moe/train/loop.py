@@ -119,6 +119,9 @@ def train(cfg: RunConfig) -> dict:
         if record is not None:
             metrics.log(record, state.step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if progress.disable and accelerator.is_main_process:
+                logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", state.step, total_steps, record["loss"],
+                            record["lr"], record["tokens_per_s"])
         is_last = state.step == total_steps
         if (t.eval_every and state.step % t.eval_every == 0) or is_last:
             stopped_early = run_eval(accelerator, model, eval_loaders, unwrapped, state, cfg, metrics, run_dir)
@@ -278,8 +281,9 @@ def run_eval(accelerator, model, loaders, moe, state, cfg, metrics, run_dir) -> 
         plots.mkdir(exist_ok=True)
         save_usage_heatmap({k: v["gate_mean"] for k, v in results.items()}, plots / f"usage-step{state.step}.png",
                            f"expert usage by source, step {state.step}")
-        logger.info("eval step %d: %s", state.step,
-                    ", ".join(f"{k} loss {v['loss']:.4f}" for k, v in results.items()))
+        logger.info("eval step %d: %s", state.step, ", ".join(
+            f"{k} loss {v['loss']:.4f} (dense {v['dense_loss']:.4f}) usage {[round(g, 2) for g in v['gate_mean']]}"
+            for k, v in results.items()))
     patience = cfg.train.early_stopping_patience
     if mean_loss < state.best_eval:
         state.best_eval, state.evals_without_improvement = mean_loss, 0
@@ -380,8 +384,9 @@ def _memory_gib() -> float:
 def _progress(accelerator, total, initial):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="train",
-                dynamic_ncols=True, file=sys.stderr)
+    # A bar on a terminal; in a log file (Vertex, CI) one line per logged step instead.
+    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process or not sys.stderr.isatty(),
+                desc="train", dynamic_ncols=True, file=sys.stderr)
 
 
 def _flat_config(cfg) -> dict:
