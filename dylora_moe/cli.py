@@ -1,6 +1,7 @@
 """`dylora-moe <command>`: one entry point; each command lives in its own module.
 
     dylora-moe train --config configs/demo.yaml [--field value ...]
+    dylora-moe submit vertex --project P --region R --image URI --base_output_dir gs://B/run [--dry-run]
 """
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ def main(argv=None) -> int:
         from .train.cli import main as train_main
 
         return train_main(argv[1:])
+    if argv[:2] == ["submit", "vertex"]:  # the Vertex AI submitter (code in launch/)
+        from launch.vertex import main as vertex_main
+
+        return vertex_main(argv[2:])
     parser = argparse.ArgumentParser(prog="dylora-moe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train from a recipe (configs/*.yaml); any field can be overridden")
+    commands.add_parser("submit", help="submit vertex ...: run a recipe as a Vertex AI CustomJob (--dry-run prints it)")
     parser.parse_args(argv)
     return 0
 

@@ -2,7 +2,7 @@
 a run never overwrites or deletes what it did not write; the portable copy loads."""
 import shutil
 
-from launch import SMALL, explain, losses, run
+from trainrun import SMALL, explain, losses, run
 
 from dylora_moe.train.checkpoint import MARKER, complete_checkpoints, latest_checkpoint, resolve_resume
 

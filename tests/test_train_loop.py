@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from launch import SMALL, env
+from trainrun import SMALL, env
 
 from dylora_moe.model import DyLoRAMoE
 from dylora_moe.train.config import load_recipe

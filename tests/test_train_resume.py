@@ -1,6 +1,6 @@
 """Preemption and exact resume with real processes: DDP, ZeRO-2, ZeRO-2 + CPU offload."""
 import pytest
-from launch import SMALL, explain, final_record, losses, records, run, run_and_interrupt
+from trainrun import SMALL, explain, final_record, losses, records, run, run_and_interrupt
 
 from dylora_moe.train.preemption import EXIT_PREEMPTED
 

@@ -7,6 +7,10 @@
 
 A checkpoint name that already exists (left by another run) is never reused; a run only
 ever deletes checkpoints it wrote itself (keep_last).
+
+On a Cloud Storage FUSE mount (/gcs/, Vertex) a folder rename is a copy that can be cut
+short, and the marker could arrive before the files it vouches for: there the checkpoint
+is written in place, marker last, and the marker alone decides.
 """
 from __future__ import annotations
 
@@ -69,13 +73,14 @@ class CheckpointManager:
         self.accelerator, self.root, self.keep_last = accelerator, Path(root), keep_last
         self.save_kwargs = save_kwargs
         self.written: list[Path] = []  # by this process only: the only ones rotation may delete
+        self.in_place = str(self.root.resolve()).startswith("/gcs/")
 
     def save(self, step: int, write_portable, extra: dict) -> Path:
         """All ranks call this. `write_portable(dir)` runs on the main process only."""
         acc = self.accelerator
         final = self._free_name(step) if acc.is_main_process else None
         final = Path(_broadcast_str(acc, str(final) if final else ""))
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = final if self.in_place else final.with_name(final.name + ".tmp")
         if acc.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)  # debris of an interrupted write of this very name
@@ -87,8 +92,9 @@ class CheckpointManager:
             write_portable(tmp / "portable")
             marker = {"step": step, "written_at": time.time(), **extra}
             _write_synced(tmp / MARKER, json.dumps(marker, indent=2))
-            os.replace(tmp, final)  # atomic on a local filesystem
-            _fsync_dir(final.parent)
+            if not self.in_place:
+                os.replace(tmp, final)  # atomic on a local filesystem
+                _fsync_dir(final.parent)
             self.written.append(final)
             self._rotate()
             logger.info("saved checkpoint %s", final)
