@@ -15,6 +15,14 @@ def main(argv=None) -> int:
         from .train.cli import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["generate"]:
+        from .eval.generate import main as generate_main
+
+        return generate_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from .eval.report import main as report_main
+
+        return report_main(argv[1:])
     if argv[:2] == ["submit", "vertex"]:  # the Vertex AI submitter (code in launch/)
         from launch.vertex import main as vertex_main
 
@@ -23,6 +31,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train from a recipe (configs/*.yaml); any field can be overridden")
+    commands.add_parser("generate", help="generate from a trained run: RUN --prompt ... [--expert i|--uniform|--base]")
+    commands.add_parser("report", help="routing report of a run: plots and a markdown summary")
     commands.add_parser("submit", help="submit vertex ...: run a recipe as a Vertex AI CustomJob (--dry-run prints it)")
     parser.parse_args(argv)
     return 0

@@ -1,0 +1,70 @@
+"""Load a trained mixture from what training wrote: a run dir, one of its checkpoints,
+or a portable folder (final/, checkpoint-N/portable/)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model import DyLoRAMoE
+
+
+@dataclass
+class Loaded:
+    moe: DyLoRAMoE
+    tokenizer: object
+    source: Path          # the portable folder the experts came from
+    weights_sha256: str   # hash of exactly the expert + router weights loaded
+
+
+def portable_dir(path) -> Path:
+    """run dir -> run/final (else its latest checkpoint); checkpoint -> its portable/."""
+    path = Path(path)
+    candidates = [path, path / "portable", path / "final"]
+    if (path / "checkpoints").is_dir():
+        from ..train.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(path / "checkpoints")
+        if latest is not None:
+            candidates.append(latest / "portable")
+    for c in candidates:
+        if (c / "experts" / "moe_config.json").is_file():
+            return c
+    raise FileNotFoundError(f"{path}: no trained experts found (expected a run dir, a checkpoint, or a folder "
+                            "with experts/moe_config.json)")
+
+
+def load_run(path, base_model=None, dtype=None) -> Loaded:
+    """The base comes from `base_model` (an object or a hub id/path), else from the run:
+    a tiny random base saved in the run dir, or the recipe's model.base_model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..train.config import load_recipe
+
+    src = portable_dir(path)
+    recipe = load_recipe(str(src / "recipe.yaml")) if (src / "recipe.yaml").is_file() else None
+    if base_model is None or isinstance(base_model, (str, Path)):
+        name = base_model or _base_from_run(src, recipe)
+        base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+    moe = DyLoRAMoE.from_pretrained(base_model, src / "experts")
+    tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
+    return Loaded(moe=moe.eval(), tokenizer=tokenizer, source=src, weights_sha256=weights_hash(moe))
+
+
+def _base_from_run(src: Path, recipe) -> str:
+    for parent in (src, *src.parents):
+        if (parent / "base_model" / "config.json").is_file():
+            return str(parent / "base_model")
+    if recipe is None or recipe.model.base_model.startswith("tiny-random:"):
+        raise FileNotFoundError(f"{src}: cannot find the base model; pass --base_model")
+    return recipe.model.base_model
+
+
+def weights_hash(moe: DyLoRAMoE) -> str:
+    """sha256 over the expert and router tensors (names and bytes), in a fixed order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(moe.expert_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
