@@ -19,6 +19,10 @@ def main(argv=None) -> int:
         from .eval.generate import main as generate_main
 
         return generate_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from .eval.functional import main as eval_main
+
+        return eval_main(argv[1:])
     if argv[:1] == ["report"]:
         from .eval.report import main as report_main
 
@@ -32,6 +36,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train from a recipe (configs/*.yaml); any field can be overridden")
     commands.add_parser("generate", help="generate from a trained run: RUN --prompt ... [--expert i|--uniform|--base]")
+    commands.add_parser("eval", help="loss per source and pass@k (MBPP, HumanEval, demo) of a run; --compare")
     commands.add_parser("report", help="routing report of a run: plots and a markdown summary")
     commands.add_parser("submit", help="submit vertex ...: run a recipe as a Vertex AI CustomJob (--dry-run prints it)")
     parser.parse_args(argv)

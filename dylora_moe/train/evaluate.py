@@ -20,17 +20,20 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 @torch.no_grad()
 def evaluate(accelerator, model, loaders: dict, num_experts: int) -> dict:
     """{source: {loss, perplexity, tokens, gate_mean, dense_loss}} over the (sharded) eval
-    loaders; gather_for_metrics drops the padding samples of the last uneven batch.
+    loaders (accelerator=None: one process); gather_for_metrics drops the padding samples
+    of the last uneven batch.
 
     `loss` routes as inference does (sparse top-k); `dense_loss` routes the same batches
     with training's dense gates. A large gap means top-k inference is not the function
     that was trained (README: "dense training vs. sparse eval")."""
+    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
+    unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
     was_training = model.training
     model.eval()
     results = {}
     for source, loader in loaders.items():
         loss_sum, dense_sum, tokens, gate_sum, rows = 0.0, 0.0, 0, torch.zeros(num_experts, dtype=torch.float64), 0
-        router = accelerator.unwrap_model(model).router
+        router = unwrap(model).router
         for batch in loader:
             batch = dict(batch)
             out = model(**batch)
@@ -39,7 +42,7 @@ def evaluate(accelerator, model, loaders: dict, num_experts: int) -> dict:
             dense, _ = per_example_loss(model(**batch).logits, batch["labels"])
             router.eval()
             gates = out.routing_weights.float().mean(dim=1)
-            loss, dense, count, gates = accelerator.gather_for_metrics((loss, dense, count, gates))
+            loss, dense, count, gates = gather((loss, dense, count, gates))
             loss_sum += loss.double().sum().item()
             dense_sum += dense.double().sum().item()
             tokens += int(count.sum().item())
