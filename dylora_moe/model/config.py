@@ -38,6 +38,9 @@ class MoEConfig:
     balance_loss: str = "mse"  # "mse": MSE(mean gate, 1/E) (the original's); "switch": E * sum(f * P)
     # Maturity of the initial experts. Experts added later (#8) start immature, and any
     # immature expert keeps eval routing dense.
+    # Chunked LM loss in training (logits never whole): tokens per chunk; None = on when
+    # the vocabulary has >= 32k tokens, 0 = off (plain loss over full logits).
+    loss_chunk_tokens: Optional[int] = None
     experts_mature: bool = True
     extra: dict = field(default_factory=dict)  # free-form metadata carried through save/load
 
@@ -59,6 +62,8 @@ class MoEConfig:
         need(self.routing in ROUTINGS, "routing", f"one of {ROUTINGS}")
         need(self.mixture in MIXTURES, "mixture", f"one of {MIXTURES}")
         need(self.balance_loss in BALANCE_LOSSES, "balance_loss", f"one of {BALANCE_LOSSES}")
+        need(self.loss_chunk_tokens is None or (_is_int(self.loss_chunk_tokens) and self.loss_chunk_tokens >= 0),
+             "loss_chunk_tokens", "None, 0 or a positive integer")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]

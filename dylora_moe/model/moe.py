@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
+from .loss import causal_lm_loss, chunked_causal_lm_loss
 from .peft_io import export_expert
 from .router import DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean, segment_validity
 
@@ -39,6 +40,7 @@ IGNORE_INDEX = -100
 @dataclass
 class MoEOutput(ModelOutput):
     loss: Optional[torch.Tensor] = None          # lm_loss + balance_coefficient * balance_loss
+    # logits: None in a training forward with the chunked loss (they are never built whole)
     lm_loss: Optional[torch.Tensor] = None       # token-mean cross-entropy over label tokens
     balance_loss: Optional[torch.Tensor] = None  # unscaled load-balancing loss
     logits: Optional[torch.Tensor] = None
@@ -230,16 +232,42 @@ class DyLoRAMoE(nn.Module):
         if packed and self.config.routing == "sequence":
             token_gates = expand_segments(gates, segment_ids)
             balance_mask = segment_validity(segment_ids, gates.shape[1])
-        if self.config.mixture == "deltas":
-            logits = self._deltas_logits(input_ids, base_mask, token_gates, base_kwargs)
-        else:
-            logits = self._mixed_logits(input_ids, base_mask, token_gates, base_kwargs)
         balance = balance_loss(gates, balance_mask, self.config.balance_loss)
-        out = MoEOutput(balance_loss=balance, logits=logits, routing_weights=gates)
+        out = MoEOutput(balance_loss=balance, routing_weights=gates)
+        chunk = self._loss_chunk_tokens() if labels is not None and self.training else 0
+        if chunk:
+            # Training: the loss straight from the hidden states, logits never whole.
+            self.set_gates(token_gates)
+            hidden = self.decoder(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).last_hidden_state
+            out.lm_loss, out.num_label_tokens = chunked_causal_lm_loss(
+                hidden, self.base_model.get_output_embeddings().weight, labels, num_items_in_batch, chunk,
+                getattr(self.base_model.config.get_text_config(), "final_logit_softcapping", None))
+        else:
+            if self.config.mixture == "deltas":
+                out.logits = self._deltas_logits(input_ids, base_mask, token_gates, base_kwargs)
+            else:
+                out.logits = self._mixed_logits(input_ids, base_mask, token_gates, base_kwargs)
+            if labels is not None:
+                out.lm_loss, out.num_label_tokens = causal_lm_loss(out.logits, labels, num_items_in_batch)
         if labels is not None:
-            out.lm_loss, out.num_label_tokens = causal_lm_loss(logits, labels, num_items_in_batch)
             out.loss = out.lm_loss + self.config.balance_coefficient * balance
         return out
+
+    def _loss_chunk_tokens(self) -> int:
+        """Tokens per loss chunk, or 0 for the plain loss. The chunked path computes
+        hidden @ head.T itself, so it is used only where that is all the LM head does."""
+        setting = self.config.loss_chunk_tokens
+        if setting == 0 or self.config.mixture != "deltas":
+            return 0
+        head = self.base_model.get_output_embeddings()
+        text = self.base_model.config.get_text_config()
+        plain_head = isinstance(head, nn.Linear) and head.bias is None and not any(
+            getattr(text, name, None) not in (None, 1, 1.0) for name in ("logit_scale", "logits_scaling"))
+        if not plain_head:
+            return 0
+        if setting is None:
+            return 4096 if head.out_features >= 32_000 else 0
+        return setting
 
     def _deltas_logits(self, input_ids, attention_mask, gates, base_kwargs):
         self.set_gates(gates)
@@ -371,17 +399,6 @@ def _checkpointing(model) -> bool:
     # transformers 5.2x renamed is_gradient_checkpointing to is_activation_checkpointing
     flag = getattr(type(model), "is_activation_checkpointing", None)
     return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
-    """Next-token cross-entropy summed over label tokens, divided by their count (or by
-    `num_items_in_batch`, the count over the whole accumulation window)."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (shift_labels != IGNORE_INDEX).sum()
-    denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp_min(1)
-    return total / denominator, count
 
 
 _EXPERT_KEY = re.compile(r"(^|\.)lora_[AB]$|^(module\.)?router\.")

@@ -1,0 +1,65 @@
+"""The chunked LM loss equals the plain one, in value and gradients, and never builds
+the full logits in training."""
+import pytest
+import torch
+from conftest import make_batch, make_moe, randomize_experts
+
+from dylora_moe import DyLoRAMoE, MoEConfig
+from dylora_moe.model.loss import causal_lm_loss, chunked_causal_lm_loss
+from dylora_moe.model.tiny import random_causal_lm, tiny_config
+
+
+@pytest.mark.parametrize("chunk,softcap", [(1, None), (7, None), (4096, None), (5, 30.0)])
+def test_chunked_equals_plain_loss_and_gradients(chunk, softcap):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11), generator=g)
+    labels[0, :4] = -100
+    labels[2, 7:] = -100
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain, n_plain = causal_lm_loss(logits, labels)
+    plain.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    chunked, n_chunked = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk, softcap=softcap)
+    chunked.backward()
+    assert n_plain == n_chunked
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.grad, grads[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(weight.grad, grads[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama", "gpt2"])
+@pytest.mark.parametrize("router_input", ["embeddings", "base_hidden"])
+def test_model_chunked_loss_matches_plain(arch, router_input):
+    results = []
+    for chunk in (0, 5):
+        moe = make_moe(arch, num_experts=3, router_input=router_input, loss_chunk_tokens=chunk)
+        randomize_experts(moe)
+        moe.train()
+        batch, prompt = make_batch()
+        out = moe(**batch, prompt_mask=prompt, num_items_in_batch=torch.tensor(20.0))
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in moe.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    assert plain.logits is not None and chunked.logits is None  # never built in the chunked step
+    torch.testing.assert_close(chunked.lm_loss, plain.lm_loss, atol=1e-5, rtol=0)
+    for name in plain_grads:
+        torch.testing.assert_close(chunked_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_loss_is_on_by_default_for_large_vocabularies_only():
+    big = DyLoRAMoE(random_causal_lm(tiny_config("gemma", vocab_size=32_000, hidden_size=32, num_heads=2)),
+                    MoEConfig(num_experts=2))
+    big.train()
+    batch, _ = make_batch()
+    assert big(**batch).logits is None          # training with labels: chunked
+    assert big(input_ids=batch["input_ids"]).logits is not None  # no labels: logits
+    big.eval()
+    assert big(**batch).logits.shape[-1] == 32_000  # eval: logits
+    small = make_moe(num_experts=2)
+    small.train()
+    assert small(**batch).logits is not None    # 256-token vocabulary: plain loss
