@@ -50,6 +50,7 @@ def test_overrides_accept_equals_sections_and_lists():
     (["--learning_rate", "fast"], "train.learning_rate='fast': expected float"),
     (["--lr_scheduler", "cyclic"], "train.lr_scheduler='cyclic'"),
     (["--mbpp_split", "paper"], "data.mbpp_split='paper'"),
+    (["--optimizer", "sgd"], "train.optimizer='sgd': expected one of ['adamw', 'adamw_8bit', 'paged_adamw_8bit']"),
 ])
 def test_bad_values_fail_fast_naming_the_field(args, message, tmp_path, capsys):
     out = tmp_path / "run"

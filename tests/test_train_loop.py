@@ -127,3 +127,12 @@ def test_demo_recipe_trains_and_reports(tmp_path, fresh_accelerate, capsys):
     final = [r for r in records(tmp_path) if "eval" in r][-1]["eval"]
     assert set(final) == {"demo:numbers", "demo:strings"}
     assert all(v["dense_loss"] > 0 and abs(sum(v["gate_mean"]) - 1) < 1e-6 for v in final.values())
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_train(name, tmp_path, fresh_accelerate):
+    from dylora_moe.train.loop import train
+
+    train(recipe(tmp_path, "--max_steps", "12", "--optimizer", name, "--learning_rate", "0.01"))
+    steps = [r["loss"] for r in records(tmp_path) if "loss" in r]
+    assert len(steps) == 12 and steps[-1] < steps[0]

@@ -58,3 +58,11 @@ def test_lr_schedule_is_the_same_at_one_and_two_processes(tmp_path):
     lrs = lambda d: [r["lr"] for r in records(d) if "lr" in r]
     assert lrs(one) == lrs(two) and len(lrs(one)) == 12
     assert lrs(one)[0] == 0.0 and max(lrs(one)) == pytest.approx(1e-2)
+
+
+def test_8bit_optimizer_under_zero2_offload_is_a_clear_error(tmp_path):
+    done = run("offload_1", SMALL + ["--max_steps", "2", "--optimizer", "adamw_8bit", "--output_dir",
+                                     str(tmp_path / "run")], tmp_path)
+    assert done.returncode != 0
+    assert "train.optimizer='adamw_8bit' cannot run under DeepSpeed ZeRO" in done.stderr
+    assert not (tmp_path / "run" / "base_model").exists()  # refused before any model was built

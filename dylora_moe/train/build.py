@@ -74,9 +74,27 @@ def build_moe(cfg, base) -> DyLoRAMoE:
     return moe
 
 
+def check_optimizer(cfg, deepspeed: bool) -> None:
+    """ZeRO partitions (and with offload, runs) the optimizer itself, in fp32: an 8-bit
+    bitsandbytes optimizer cannot live there. Checked before any model is loaded."""
+    if deepspeed and cfg.train.optimizer != "adamw":
+        raise ValueError(f"train.optimizer={cfg.train.optimizer!r} cannot run under DeepSpeed ZeRO (it shards and, "
+                         "with offload, runs the optimizer itself); use adamw there, or an accelerate config "
+                         "without DeepSpeed (single_gpu, multi_gpu) for 8-bit optimizers")
+
+
 def build_optimizer(moe, cfg, cpu_offload: bool):
     params = moe.trainable_parameters()
     t = cfg.train
+    if t.optimizer != "adamw":
+        # bitsandbytes keeps the Adam moments in 8 bits (about a quarter of the memory);
+        # the paged variant can spill them to CPU memory under GPU memory pressure.
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError(f"train.optimizer={t.optimizer!r} needs bitsandbytes (pip install bitsandbytes)") from None
+        cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        return cls(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     if cpu_offload:
         # ZeRO offload runs the update on the CPU: DeepSpeed's vectorised CPU Adam. We
         # create it ourselves (zero_force_ds_cpu_optimizer: false in the DS json) so our

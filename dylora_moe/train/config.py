@@ -51,6 +51,7 @@ class TrainConfig:
     train_batch_size: int = 2             # per process (micro-batch)
     eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"              # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes; not under DeepSpeed)
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -91,6 +92,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: expected a number >= 0")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError(f"train.adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}): expected in [0, 1)")
+        optimizers = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+        if self.optimizer not in optimizers:
+            raise ValueError(f"train.optimizer={self.optimizer!r}: expected one of {list(optimizers)}")
         schedulers = ("cosine_with_restarts", "cosine", "linear", "constant_with_warmup", "constant")
         if self.lr_scheduler not in schedulers:
             raise ValueError(f"train.lr_scheduler={self.lr_scheduler!r}: expected one of {list(schedulers)}")

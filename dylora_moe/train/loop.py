@@ -62,6 +62,8 @@ def train(cfg: RunConfig) -> dict:
 
     accelerator = make_accelerator(cfg, run_dir)
     _configure_logging(accelerator)
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    build.check_optimizer(cfg, deepspeed)
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initialisation on every rank
@@ -73,7 +75,6 @@ def train(cfg: RunConfig) -> dict:
     moe = build.build_moe(cfg, build.build_base_model(cfg, tokenizer, run_dir, accelerator))
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
 
-    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     optimizer = build.build_optimizer(moe, cfg, cpu_offload=deepspeed and _offloads_optimizer(accelerator))
     if deepspeed:
         _fill_deepspeed_auto(accelerator, cfg)
