@@ -2,7 +2,7 @@
 a run never overwrites or deletes what it did not write; the portable copy loads."""
 import shutil
 
-from trainrun import SMALL, explain, losses, run
+from trainrun import ROOT, SMALL, explain, losses, run
 
 from dylora_moe.train.checkpoint import MARKER, complete_checkpoints, latest_checkpoint, resolve_resume
 
@@ -36,6 +36,37 @@ def test_auto_resume_skips_what_a_kill_9_left_behind(tmp_path):
     assert again.returncode == 0, explain(again)
     assert "resumed from" in again.stderr and "checkpoint-8 at step 8" in again.stderr
     assert max(losses(out)) == 10
+
+
+def test_real_kill_9_during_a_checkpoint_write(tmp_path):
+    """SIGKILL the whole run while checkpoint-8 is being written (held open by a test-only
+    delay): auto-resume ignores the half-written folder and continues from checkpoint-4."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from trainrun import command, env
+
+    out = tmp_path / "run"
+    e = env(tmp_path)
+    e["DYLORA_TEST_CHECKPOINT_DELAY_S"] = "30"
+    proc = subprocess.Popen(command("single", SMALL + ["--max_steps", "12", "--save_every", "4", "--output_dir", str(out)]),
+                            cwd=ROOT, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts / "checkpoint-8.tmp").exists():
+        time.sleep(0.1)
+    assert (ckpts / "checkpoint-8.tmp").exists(), "never reached the second checkpoint write"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "checkpoint-4" / MARKER).is_file() and not (ckpts / "checkpoint-8").exists()
+    assert latest_checkpoint(ckpts) == ckpts / "checkpoint-4"
+    again = run("single", SMALL + ["--max_steps", "12", "--save_every", "4", "--output_dir", str(out),
+                                   "--resume_from_checkpoint", "auto"], tmp_path)
+    assert again.returncode == 0, explain(again)
+    assert "checkpoint-4 at step 4" in again.stderr
+    assert [p.name for _, p in complete_checkpoints(ckpts)][-1] == "checkpoint-12"
 
 
 def test_resumed_run_never_overwrites_or_deletes_checkpoints_it_did_not_write(tmp_path):

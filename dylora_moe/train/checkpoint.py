@@ -89,6 +89,8 @@ class CheckpointManager:
         acc.save_state(str(tmp), **self.save_kwargs)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            # Fault-injection seam for the kill -9 test: hold the write open for a while.
+            time.sleep(float(os.environ.get("DYLORA_TEST_CHECKPOINT_DELAY_S", "0")))
             write_portable(tmp / "portable")
             marker = {"step": step, "written_at": time.time(), **extra}
             _write_synced(tmp / MARKER, json.dumps(marker, indent=2))
