@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from ..model.loss import IGNORE_INDEX  # one definition of the ignored label
 
 
 class DataCollator:

@@ -28,13 +28,12 @@ from transformers.utils import ModelOutput
 from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
-from .loss import causal_lm_loss, chunked_causal_lm_loss
+from .loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from .peft_io import export_expert
 from .router import DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean, segment_validity
 
 CONFIG_FILE = "moe_config.json"
 WEIGHTS_FILE = "experts.safetensors"
-IGNORE_INDEX = -100
 
 
 @dataclass

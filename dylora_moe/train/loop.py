@@ -125,7 +125,7 @@ def train(cfg: RunConfig) -> dict:
                             record["lr"], record["tokens_per_s"])
         is_last = state.step == total_steps
         if (t.eval_every and state.step % t.eval_every == 0) or is_last:
-            stopped_early = run_eval(accelerator, model, eval_loaders, unwrapped, state, cfg, metrics, run_dir)
+            stopped_early = run_eval(accelerator, model, eval_loaders, state, cfg, metrics, run_dir)
         if (t.save_every and state.step % t.save_every == 0) or is_last or stopped_early:
             checkpoints.save(state.step, portable, {"epoch": state.epoch})
             last_saved = state.step
@@ -270,7 +270,7 @@ def micro_batches(loader, state: TrainState):
         state.batch_in_epoch = 0
 
 
-def run_eval(accelerator, model, loaders, moe, state, cfg, metrics, run_dir) -> bool:
+def run_eval(accelerator, model, loaders, state, cfg, metrics, run_dir) -> bool:
     """Evaluate, log, plot; True when early stopping says stop."""
     if not loaders:
         return False
