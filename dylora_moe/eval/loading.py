@@ -46,10 +46,25 @@ def load_run(path, base_model=None, dtype=None) -> Loaded:
     recipe = load_recipe(str(src / "recipe.yaml")) if (src / "recipe.yaml").is_file() else None
     if base_model is None or isinstance(base_model, (str, Path)):
         name = base_model or _base_from_run(src, recipe)
-        base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+        base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32,
+                                                          **_quantization_kwargs(recipe, dtype or torch.float32))
     moe = DyLoRAMoE.from_pretrained(base_model, src / "experts")
     tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
     return Loaded(moe=moe.eval(), tokenizer=tokenizer, source=src, weights_sha256=weights_hash(moe))
+
+
+def _quantization_kwargs(recipe, compute_dtype) -> dict:
+    """A run trained on a 4/8-bit base is evaluated on the same quantized base: its
+    experts learned to correct exactly those weights."""
+    if recipe is None or not (recipe.model.load_in_4bit or recipe.model.load_in_8bit):
+        return {}
+    import torch
+
+    from ..model.quantized import quantization_config
+
+    bits = 4 if recipe.model.load_in_4bit else 8
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization_config(bits, compute_dtype), "device_map": {"": device}}
 
 
 def _base_from_run(src: Path, recipe) -> str:

@@ -30,6 +30,7 @@ from .inject import inject_experts
 from .layer import GateSlot
 from .loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from .peft_io import export_expert
+from .quantized import keep_trainable_through
 from .router import DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean, segment_validity
 
 CONFIG_FILE = "moe_config.json"
@@ -52,6 +53,7 @@ class DyLoRAMoE(nn.Module):
         super().__init__()
         self.config = config if config is not None else MoEConfig()
         base_model.requires_grad_(False)  # frozen, shared, never copied
+        keep_trainable_through(base_model)  # a bitsandbytes base must pass gradients (quantized.py)
         self.base_model = base_model
         self._slot = GateSlot()
         # A plain dict on purpose: the layers already live inside base_model, registering

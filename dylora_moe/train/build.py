@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..data import DataCollator, PackingCollator, build_demo_tokenizer
 from ..model import DyLoRAMoE
+from ..model.quantized import quantization_config
 from ..model.tiny import random_causal_lm, tiny_config
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
         config = tiny_config(arch, vocab_size=len(tokenizer), **cfg.model.tiny)
         name = str(main_first(accelerator, run_dir / "base_model",
                               lambda p: random_causal_lm(config, seed=cfg.train.seed).save_pretrained(p)))
+    bits = 4 if cfg.model.load_in_4bit else 8 if cfg.model.load_in_8bit else 0
+    if bits:
+        # Each process holds the whole quantized base on its own device (DDP replicas;
+        # nothing of the frozen base is sharded or trained).
+        kwargs["quantization_config"] = quantization_config(bits, compute_dtype=kwargs["dtype"])
+        kwargs["device_map"] = {"": accelerator.device}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {name} only {model.get_input_embeddings().num_embeddings}")

@@ -31,8 +31,16 @@ class ModelConfig:
     attn_implementation: Optional[str] = None
     tiny: dict = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    # QLoRA-style frozen base through transformers' BitsAndBytesConfig (bitsandbytes):
+    # 4-bit NF4 with double quantization, or LLM.int8(). The experts stay in full precision
+    # and wrap the quantized Linear4bit / Linear8bitLt layers as they are.
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    compile: bool = False                 # torch.compile each decoder layer of the base (off by default)
 
     def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.load_in_4bit and model.load_in_8bit: expected at most one of them")
         if not isinstance(self.base_model, str) or not self.base_model:
             raise ValueError(f"model.base_model={self.base_model!r}: expected a hub id, a path or tiny-random:<arch>")
         if self.dtype not in ("auto", "bfloat16", "float32"):
