@@ -11,6 +11,7 @@ in this run, never as absolute targets in tests.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -86,9 +87,15 @@ def saved_activation_bytes(model, batch, autocast):
 
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        # Keep nothing: this forward is never backpropagated. Returning `t` itself would
+        # tie each saved output to its own grad_fn, a cycle through C++ that Python's gc
+        # cannot free: every call leaked a whole forward's activations (an OOM on the GPU).
+        return None
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+    def unpack(_):
+        raise RuntimeError("saved_activation_bytes: measurement-only forward, no backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack), autocast():
         model(**batch).loss
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in seen.items() if ptr not in params)
@@ -150,6 +157,7 @@ def main(argv=None):
             finally:
                 unload()
                 model.zero_grad(set_to_none=True)
+                gc.collect()  # an out-of-memory variant leaves cycles holding its activations
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             times[v["name"]] += seconds

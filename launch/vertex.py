@@ -111,6 +111,29 @@ def build_job(args):
     return types.CustomJob(display_name=args.display_name, job_spec=spec, labels=labels)
 
 
+def memory_warning(args) -> str | None:
+    """The recipe's memory plan (`dylora-moe plan`) against the machine's GPU, under
+    ZeRO-2 with CPU offload as the entrypoint launches it: a warning line, or None when
+    it fits. The recipe is read from this checkout (the image holds the same files)."""
+    from pathlib import Path
+
+    from dylora_moe.plan import GPUS, VERTEX_ACCELERATORS, fit_warning, strategy_named
+    from dylora_moe.train.config import load_recipe
+
+    _, accelerator, per_node = MACHINES[args.machine]
+    gpu = VERTEX_ACCELERATORS.get(accelerator)
+    if gpu is None:
+        return None
+    if not Path(args.config).is_file():
+        return f"memory plan skipped: {args.config} is not in this checkout"
+    try:
+        cfg = load_recipe(args.config, args.overrides)
+        strategy = strategy_named("zero2_offload", processes=args.nodes * per_node)
+        return fit_warning(cfg, GPUS[gpu] * 2**20, f"{gpu} ({accelerator})", strategy)
+    except (ValueError, FileNotFoundError) as e:
+        return f"memory plan skipped: {e}"
+
+
 def submit(job, project: str, region: str):
     from google.cloud import aiplatform_v1
 
@@ -123,6 +146,9 @@ def main(argv=None) -> int:
     from google.cloud.aiplatform_v1 import types
 
     job = build_job(args)
+    warning = memory_warning(args)
+    if warning:  # stderr: the dry run's stdout stays the job's JSON
+        print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(types.CustomJob.to_json(job, use_integers_for_enums=False))
         return 0

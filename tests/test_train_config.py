@@ -19,6 +19,9 @@ def test_shipped_recipes_parse():
     assert real.train.bf16 and real.data.interleaved_sampling and real.train.cosine_restarts == 2
     assert real.moe.balance_coefficient == 0.01
     assert [s.name for s in real.data.sources] == ["code_alpaca", "mbpp"]
+    qlora = load_recipe(str(ROOT / "configs" / "codegemma-2b-qlora.yaml"))
+    assert qlora.model.load_in_4bit and qlora.model.gradient_checkpointing and qlora.moe.num_experts == 8
+    assert qlora.train.optimizer == "paged_adamw_8bit" and qlora.train.bf16
 
 
 def test_the_seed_flags_keep_their_names():

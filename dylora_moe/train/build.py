@@ -78,6 +78,8 @@ def build_moe(cfg, base) -> DyLoRAMoE:
     moe = DyLoRAMoE(base, cfg.moe)
     if cfg.model.gradient_checkpointing:
         moe.gradient_checkpointing_enable()
+    if cfg.model.compile:
+        logger.info("torch.compile: %d decoder blocks (compiled on first use)", moe.compile_base())
     return moe
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 
@@ -19,6 +21,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_if_plan_exceeds_gpu(cfg)
     from .loop import Preempted, train
 
     try:
@@ -29,3 +32,24 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def warn_if_plan_exceeds_gpu(cfg) -> None:
+    """Before anything loads: the memory plan (`dylora-moe plan`) against this process's
+    GPU, as a warning, never an error. Shapes only (meta device), so it costs a second;
+    skipped on CPU-only runs and on all but the first process of each node."""
+    import torch
+
+    if not torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    log = logging.getLogger("dylora_moe.train")
+    try:
+        from ..plan import fit_warning, strategy_from_env
+
+        props = torch.cuda.get_device_properties(0)
+        message = fit_warning(cfg, props.total_memory, props.name, strategy_from_env())
+    except Exception as e:  # advice only: a planner problem must not stop a run
+        log.debug("memory plan skipped: %s", e)
+        return
+    if message:
+        log.warning(message)
