@@ -42,6 +42,10 @@ class MoEConfig:
     # the vocabulary has >= 32k tokens, 0 = off (plain loss over full logits).
     loss_chunk_tokens: Optional[int] = None
     experts_mature: bool = True
+    # Optimizer steps of its own after which an immature expert (one added by growth, or
+    # any with experts_mature: false) matures; an added expert's admission ramps 0 -> 1
+    # over the same steps (router.advance).
+    maturity_steps: int = 100
     extra: dict = field(default_factory=dict)  # free-form metadata carried through save/load
 
     def __post_init__(self):
@@ -58,6 +62,7 @@ class MoEConfig:
         need(_is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
         need(_is_num(self.balance_coefficient) and self.balance_coefficient >= 0, "balance_coefficient",
              "a number >= 0")
+        need(_is_int(self.maturity_steps) and self.maturity_steps >= 1, "maturity_steps", "an integer >= 1")
         need(self.router_input in ROUTER_INPUTS, "router_input", f"one of {ROUTER_INPUTS}")
         need(self.routing in ROUTINGS, "routing", f"one of {ROUTINGS}")
         need(self.mixture in MIXTURES, "mixture", f"one of {MIXTURES}")

@@ -25,13 +25,15 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers.utils import ModelOutput
 
+from . import growth
 from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
 from .loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from .peft_io import export_expert
 from .quantized import keep_trainable_through
-from .router import DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean, segment_validity
+from .router import (OPTIONAL_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean,
+                     segment_validity)
 
 CONFIG_FILE = "moe_config.json"
 WEIGHTS_FILE = "experts.safetensors"
@@ -86,7 +88,8 @@ class DyLoRAMoE(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads the mixture's state; `strict` checks exactly those keys (the base is left as is)."""
         own = set(self.state_dict())
-        missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+        missing = sorted(k for k in own - set(state_dict) if not is_optional_key(k))
+        unexpected = sorted(set(state_dict) - own)
         if strict and (missing or unexpected):
             raise RuntimeError(f"DyLoRAMoE.load_state_dict: missing {missing[:3]} ({len(missing)}), "
                                f"unexpected {unexpected[:3]} ({len(unexpected)})")
@@ -100,8 +103,39 @@ class DyLoRAMoE(nn.Module):
             state[f"{name}.lora_A"] = layer.lora_A
             state[f"{name}.lora_B"] = layer.lora_B
         state["router.gate.weight"] = self.router.gate.weight
-        state["router.expert_maturity"] = self.router.expert_maturity
+        for name in growth.ROUTER_STATE:  # maturity, steps, admission, novelty library
+            state[f"router.{name}"] = getattr(self.router, name)
         return state
+
+    # ------------------------------------------------------------------ dynamic experts (#8)
+    def add_expert(self, init: str = "zeros", note: Optional[dict] = None) -> int:
+        """Widen every stacked layer and the router by one expert; returns its index.
+        It joins immature, with admission 0, so the outputs are unchanged at this moment
+        for any `init` ("zeros" | "copy:i" | "mean"; see model/growth.py). The event is
+        recorded in config.extra["expert_history"] (saved with the model), with `note`."""
+        index = growth.add_expert(self, init)
+        self._record("add", index, init=init, **(note or {}))
+        return index
+
+    def prune_expert(self, index: int, note: Optional[dict] = None) -> None:
+        """Remove expert `index` and its router row; later experts move down by one."""
+        growth.prune_expert(self, index)
+        self._record("prune", index, **(note or {}))
+
+    def mark_mature(self, index: int) -> None:
+        """Mature now (fully admitted): eval routing goes sparse once every expert is."""
+        self.router.mark_mature(index)
+
+    def advance_maturity(self, trained=None) -> list[int]:
+        """Count one optimizer step for the experts that trained (bool per expert; default
+        all); returns those that matured with it (router.advance)."""
+        count = self.config.num_experts
+        trained = torch.ones(count, dtype=torch.bool) if trained is None else torch.as_tensor(trained).bool()
+        return self.router.advance(trained, self.config.maturity_steps)
+
+    def _record(self, event: str, index: int, **fields) -> None:
+        history = self.config.extra.setdefault("expert_history", [])
+        history.append({"event": event, "expert": index, "num_experts": self.config.num_experts, **fields})
 
     # ------------------------------------------------------------------ routing
     @contextlib.contextmanager
@@ -355,12 +389,15 @@ class DyLoRAMoE(nn.Module):
 
     def load_expert_state(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
         own = self.expert_state_dict()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        missing = sorted(k for k in set(own) - set(tensors) if not is_optional_key(k))
+        unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
             raise ValueError(f"{source}: keys do not match this model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
         with torch.no_grad():
             for key, target in own.items():
+                if key not in tensors:  # optional state of a model saved before #8: keep the defaults
+                    continue
                 if tensors[key].shape != target.shape:
                     raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
                                      f"expected {tuple(target.shape)}")
@@ -385,6 +422,18 @@ class DyLoRAMoE(nn.Module):
         self.experts = {}
         return self.base_model
 
+    def compile_base(self, **compile_kwargs) -> int:
+        """torch.compile each decoder block of the base (experts included: they live
+        inside the blocks), in place. Per block rather than the whole model: the blocks
+        are identical, so one compiled graph serves them all, and the routing pass, the
+        LM head and the loss stay eager. Shapes vary batch to batch, hence dynamic=True.
+        Returns the number of blocks compiled."""
+        compile_kwargs.setdefault("dynamic", True)
+        blocks = decoder_blocks(self.base_model)
+        for block in blocks:
+            block.compile(**compile_kwargs)
+        return len(blocks)
+
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint the base's layers. Non-reentrant on purpose: the reentrant variant
         runs the forward under no_grad, cutting the gradient to experts and router (the
@@ -394,6 +443,15 @@ class DyLoRAMoE(nn.Module):
             self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks (model.layers, transformer.h, gpt_neox.layers, ...):
+    the longest ModuleList in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks (nn.ModuleList) found")
+    return max(lists, key=len)
 
 
 def _checkpointing(model) -> bool:
@@ -408,3 +466,9 @@ _EXPERT_KEY = re.compile(r"(^|\.)lora_[AB]$|^(module\.)?router\.")
 def is_expert_key(key: str) -> bool:
     """State-dict keys that belong to the mixture (stacked experts, router), not the base."""
     return bool(_EXPERT_KEY.search(key))
+
+
+def is_optional_key(key: str) -> bool:
+    """Router state a model saved before dynamic experts (#8) lacks; loading keeps the defaults."""
+    owner, _, name = key.rpartition(".")
+    return name in OPTIONAL_BUFFERS and owner.endswith("router")

@@ -20,6 +20,15 @@ class DynamicHybridRouter(nn.Module):
         # Per-expert maturity: any immature expert (e.g. one just added) keeps routing
         # dense even in eval, so it is never starved by top-k before it has learnt.
         self.register_buffer("expert_maturity", torch.full((num_experts,), mature, dtype=torch.bool))
+        # Dynamic experts (#8), all saved with the model: optimizer steps each expert has
+        # trained; its admission a in [0, 1], a prior on its gate (softmax(logits/T + log a)),
+        # 0 for an expert just added so the mixture is unchanged at that moment, rising to 1
+        # as it matures; and the novelty library: per expert, the mean pooled embedding of
+        # the examples it trained on (a count of 0 = no entry yet).
+        self.register_buffer("expert_steps", torch.zeros(num_experts, dtype=torch.long))
+        self.register_buffer("expert_admission", torch.ones(num_experts))
+        self.register_buffer("expert_centroids", torch.zeros(num_experts, hidden_size))
+        self.register_buffer("centroid_counts", torch.zeros(num_experts, dtype=torch.long))
 
     @property
     def sparse(self) -> bool:
@@ -36,11 +45,38 @@ class DynamicHybridRouter(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (..., hidden) -> gates (..., E), fp32, each row summing to 1."""
-        logits = self.logits(features) / self.temperature
+        # log(1) = 0 leaves admitted experts bitwise as they were; log(0) = -inf gives an
+        # expert just added a gate of exactly 0 (the others renormalise over the same sum).
+        logits = self.logits(features) / self.temperature + self.expert_admission.float().log()
         if not self.sparse:
             return logits.softmax(dim=-1)
         top = logits.topk(self.top_k, dim=-1)
         return torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(dim=-1))
+
+
+    @torch.no_grad()
+    def advance(self, trained: torch.Tensor, maturity_steps: int) -> list[int]:
+        """One optimizer step done: count it for the experts that trained (bool (E,)).
+        An immature expert's admission ramps linearly to 1 over `maturity_steps` of its
+        own steps, and it matures when it gets there. Returns the experts that matured now."""
+        trained = trained.to(self.expert_steps.device)
+        self.expert_steps += trained.long()
+        ramp = (self.expert_steps.float() / maturity_steps).clamp(max=1.0)
+        growing = trained & ~self.expert_maturity
+        self.expert_admission.copy_(torch.where(growing, torch.maximum(self.expert_admission.float(), ramp),
+                                                self.expert_admission.float()))
+        matured = growing & (self.expert_steps >= maturity_steps)
+        self.expert_maturity |= matured
+        return matured.nonzero().flatten().tolist()
+
+    @torch.no_grad()
+    def mark_mature(self, index: int) -> None:
+        self.expert_maturity[index] = True
+        self.expert_admission[index] = 1.0
+
+
+# Router buffers a model saved before #8 lacks; loading keeps their defaults (above).
+OPTIONAL_BUFFERS = ("expert_steps", "expert_admission", "expert_centroids", "centroid_counts")
 
 
 def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,19 @@ def resolve_resume(value: Optional[str], root) -> Optional[Path]:
     return path
 
 
+def adopt_run_assets(checkpoint: Path, run_dir: Path) -> list[str]:
+    """Resuming another run's checkpoint into a new output dir: take that run's locally
+    built tokenizer and tiny random base (the experts were trained with exactly those;
+    building new ones would give another vocabulary). Returns what was copied."""
+    source = Path(checkpoint).resolve().parents[1]
+    copied = []
+    for name in ("tokenizer", "base_model"):
+        if (source / name).is_dir() and not (Path(run_dir) / name).exists() and source != Path(run_dir).resolve():
+            shutil.copytree(source / name, Path(run_dir) / name)
+            copied.append(name)
+    return copied
+
+
 class CheckpointManager:
     def __init__(self, accelerator, root, keep_last: int, save_kwargs: dict):
         self.accelerator, self.root, self.keep_last = accelerator, Path(root), keep_last

@@ -10,6 +10,7 @@ both work. The seed project's flag names are fields here and keep their meaning.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,13 @@ class TrainConfig:
     log_with: list = field(default_factory=list)  # Accelerate trackers: wandb, tensorboard
     project_name: str = "dylora-moe"
     dataloader_num_workers: int = 0
+    # Dynamic experts (README "Dynamic experts"). More experts on resume: --num_experts.
+    freeze_mature_experts: bool = False   # mature experts stop changing: new data trains new experts + router
+    grow_init: str = "zeros"              # a new expert's weights: zeros | mean | copy:i (model/growth.py)
+    grow_on_novelty: bool = False         # add an expert when a data source looks new (train/novelty.py)
+    novelty_threshold: float = 0.75       # cosine to the nearest expert's centroid below which data is novel
+    novelty_window: int = 10              # novel optimizer steps in a row before an expert is added
+    max_experts: int = 8                  # novelty growth stops at this many experts
 
     def __post_init__(self):
         positive = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "keep_last",
@@ -106,6 +114,13 @@ class TrainConfig:
         schedulers = ("cosine_with_restarts", "cosine", "linear", "constant_with_warmup", "constant")
         if self.lr_scheduler not in schedulers:
             raise ValueError(f"train.lr_scheduler={self.lr_scheduler!r}: expected one of {list(schedulers)}")
+        if not isinstance(self.grow_init, str) or not re.fullmatch(r"zeros|mean|copy:\d+", self.grow_init):
+            raise ValueError(f"train.grow_init={self.grow_init!r}: expected zeros, mean or copy:<expert index>")
+        if not isinstance(self.novelty_threshold, (int, float)) or not 0 < self.novelty_threshold <= 1:
+            raise ValueError(f"train.novelty_threshold={self.novelty_threshold!r}: expected a number in (0, 1]")
+        for name in ("novelty_window", "max_experts"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 1")
         if isinstance(self.log_with, str):
             self.log_with = [self.log_with] if self.log_with else []
         unknown = sorted(set(self.log_with) - {"wandb", "tensorboard"})

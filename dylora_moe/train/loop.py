@@ -12,18 +12,21 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..data import build_datasets, load_examples
 from ..data.collate import IGNORE_INDEX
-from . import build
-from .checkpoint import CheckpointManager, complete_checkpoints, resolve_resume
+from . import build, growth
+from .checkpoint import CheckpointManager, adopt_run_assets, complete_checkpoints, resolve_resume
 from .config import RunConfig
 from .evaluate import evaluate
+from .maturity import ExpertFreezer
 from .monitor import MetricsLog, RoutingStats, expert_grad_norms, save_usage_heatmap
+from .novelty import NoveltyMonitor
 from .preemption import EXIT_PREEMPTED, PreemptionFlag
 
 logger = logging.getLogger("dylora_moe.train")
@@ -40,9 +43,20 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     tokens_seen: int = 0
+    phase: int = 0             # phases started by a resume with more experts (growth.py)
+    phase_start: int = 0       # the step the current phase began at: its LR schedule counts from here
+    novelty: dict = field(default_factory=dict)  # novel-data streaks per source (novelty.py)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def start_phase(self) -> None:
+        """A resume with more experts: the step count goes on, the rest starts over."""
+        self.phase += 1
+        self.phase_start = self.step
+        self.epoch = self.batch_in_epoch = self.evals_without_improvement = 0
+        self.best_eval = math.inf
+        self.novelty.clear()
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -70,22 +84,32 @@ def train(cfg: RunConfig) -> dict:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / ("recipe.yaml" if resume_from is None else f"recipe-resume-{int(time.time())}.yaml"))
+        if resume_from is not None:
+            for name in adopt_run_assets(resume_from, run_dir):  # other ranks read them after main_first's barrier
+                logger.info("copied %s/ from the run that wrote %s", name, resume_from)
+    # Built as the checkpoint holds it (so it restores exactly), grown to the recipe's count afterwards.
+    grow_on_resume = 0
+    if resume_from is not None:
+        saved, grow_on_resume = growth.plan_resume(cfg, resume_from)
+        cfg = dataclasses.replace(cfg, moe=saved)
     tokenizer = build.build_tokenizer(cfg, examples, run_dir, accelerator)
     bundle = build_datasets(cfg.data, tokenizer, examples)
     moe = build.build_moe(cfg, build.build_base_model(cfg, tokenizer, run_dir, accelerator))
+    cfg.moe = moe.config  # one object: growth updates the model's config, which the loop and portable copies read
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
 
-    optimizer = build.build_optimizer(moe, cfg, cpu_offload=deepspeed and _offloads_optimizer(accelerator))
+    cpu_offload = deepspeed and _offloads_optimizer(accelerator)
+    optimizer = build.build_optimizer(moe, cfg, cpu_offload=cpu_offload)
     if deepspeed:
         _fill_deepspeed_auto(accelerator, cfg)
     # The schedule drives our own optimizer object, which DeepSpeed steps as is.
     raw_optimizer = optimizer
     model, optimizer, train_loader = accelerator.prepare(moe, optimizer, train_loader)
     eval_loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
-    total_steps = t.max_steps or max(1, math.floor(t.num_epochs * len(train_loader) / t.gradient_accumulation_steps))
-    scheduler = build.build_scheduler(raw_optimizer, cfg, total_steps)
+    epoch_steps = max(1, math.floor(t.num_epochs * len(train_loader) / t.gradient_accumulation_steps))
+    schedule = growth.Schedule(cfg)  # built below, once the phase is known
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    accelerator.register_for_checkpointing(schedule, state)
 
     if resume_from is not None:
         # DyLoRAMoE.state_dict holds the experts and router only, so strict loading checks exactly those.
@@ -96,11 +120,26 @@ def train(cfg: RunConfig) -> dict:
         set_seed(t.seed, device_specific=True)  # different dropout per rank from here on
     if t.log_with:
         accelerator.init_trackers(t.project_name, config=_flat_config(cfg))
+    metrics = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    grower = growth.Grower(cfg, accelerator, deepspeed, cpu_offload)
+    if grow_on_resume:
+        before = moe.config.num_experts
+        reason = f"resume from {resume_from} with --num_experts {before + grow_on_resume}"
+        model, optimizer, raw_optimizer, report = grower.grow(model, raw_optimizer, grow_on_resume,
+                                                              note={"step": state.step, "reason": reason})
+        state.start_phase()
+    total_steps = t.max_steps or state.phase_start + epoch_steps
+    schedule.start(raw_optimizer, state.phase_start, total_steps, restore=not grow_on_resume)
+    if grow_on_resume:
+        if accelerator.is_main_process:
+            logger.info("grew %d -> %d experts (init %s) at step %d: %s. %s", before, moe.config.num_experts,
+                        t.grow_init, state.step, growth.phase_report(cfg, state, total_steps), report)
+        metrics.log(growth.growth_record(state.step, moe, "resume", reason, report,
+                                         {"from": before, "phase": state.phase}), state.step)
 
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", t.keep_last,
                                     {"exclude_frozen_parameters": True} if deepspeed else {})  # belt and braces
-    loop = Loop(cfg, accelerator, model, optimizer, scheduler, state, deepspeed, bundle.sources)
-    metrics = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    loop = Loop(cfg, accelerator, model, optimizer, schedule, state, deepspeed, bundle.sources)
     unwrapped = accelerator.unwrap_model(model)
     portable = lambda d: write_portable(unwrapped, tokenizer, cfg, d)
     preemption = PreemptionFlag().install()
@@ -117,6 +156,8 @@ def train(cfg: RunConfig) -> dict:
         record = loop.step([next(batches) for _ in range(t.gradient_accumulation_steps)],
                            with_details=state.step % t.log_every == t.log_every - 1 or state.step + 1 == total_steps)
         progress.update(1)
+        if loop.growth_request is not None:
+            model, optimizer, raw_optimizer = grow_on_novelty(loop, grower, schedule, raw_optimizer, metrics)
         if record is not None:
             metrics.log(record, state.step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -157,6 +198,19 @@ class Loop:
         self.routing = RoutingStats(cfg.moe.num_experts, len(sources), accelerator.device)
         self.started = time.perf_counter()
         self.tokens_since_log = 0
+        t = cfg.train
+        self.freezer = ExpertFreezer(self.moe, t.freeze_mature_experts)
+        self.novelty = NoveltyMonitor(sources, t.novelty_threshold, t.novelty_window, t.max_experts,
+                                      t.grow_on_novelty, state.novelty)
+        self.growth_request = None  # set by a step whose data stayed novel for novelty_window steps
+
+    def rebind(self, model, optimizer) -> None:
+        """After growth: the re-prepared model and its new optimizer."""
+        self.model, self.optimizer = model, optimizer
+        self.params = self.moe.trainable_parameters()
+        self.routing = RoutingStats(self.moe.config.num_experts, len(self.sources), self.acc.device)
+        self.freezer.attach(self.moe)
+        self.growth_request = None
 
     def step(self, window: list[dict], with_details: bool):
         acc, t = self.acc, self.cfg.train
@@ -178,6 +232,7 @@ class Loop:
                     balance_sum += out.balance_loss.item()
                     finite_batches += 1
                     self.routing.add(out.routing_weights, batch.get("source_id"))
+                    self.novelty.add(self.moe, batch, out.routing_weights)
                     self.state.nonfinite_in_a_row = 0
                 else:
                     # Skip this batch: a zero loss over the trainable parameters keeps every
@@ -195,9 +250,21 @@ class Loop:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.state.step += 1
+        self._experts_after_step()
         if not with_details:
             return None
         return self._record(lm_sum, balance_sum, finite_batches, norms, grad_norm, lr)
+
+    def _experts_after_step(self) -> None:
+        """Frozen experts back to their values, maturity counted, novelty checked (same on every rank)."""
+        self.freezer.restore()
+        trained = self.freezer.trained.clone()
+        matured = self.moe.advance_maturity(trained)
+        frozen = self.freezer.update()
+        if matured and self.acc.is_main_process:
+            logger.info("step %d: expert(s) %s matured (moe.maturity_steps=%d)%s", self.state.step, matured,
+                        self.cfg.moe.maturity_steps, f"; frozen: {frozen}" if frozen else "")
+        self.growth_request = self.novelty.end_step(self.acc, self.moe, trained)
 
     def _backward_and_step(self, loss, with_details, any_finite):
         acc, norms, grad_norm = self.acc, None, None
@@ -249,11 +316,37 @@ class Loop:
             "tokens_per_s": sums[3].item() / max(elapsed, 1e-9), "memory_gib": _memory_gib(),
             "nonfinite_skipped": self.state.nonfinite_total, **routing,
             "gate_mean_by_source": dict(zip(self.sources, routing["gate_mean_by_source"])),
+            "num_experts": self.moe.config.num_experts, **self._expert_state(),
         }
         self.state.tokens_seen += int(sums[3].item())
         self.routing = RoutingStats(self.cfg.moe.num_experts, len(self.sources), acc.device)
         self.started, self.tokens_since_log = time.perf_counter(), 0
         return record
+
+    def _expert_state(self) -> dict:
+        router = self.moe.router
+        return {"expert_admission": router.expert_admission.float().tolist(),
+                "expert_mature": router.expert_maturity.tolist(), "expert_frozen": self.freezer.frozen.tolist(),
+                "expert_steps": router.expert_steps.tolist(),
+                "novelty_similarity": dict(self.novelty.last_similarity)}
+
+
+def grow_on_novelty(loop, grower, schedule, raw_optimizer, metrics):
+    """Add the expert the novelty trigger asked for, mid-run: schedule and data go on."""
+    request, state, moe = loop.growth_request, loop.state, loop.moe
+    reason = "novelty: " + request.reason(loop.cfg.train.novelty_threshold)
+    model, optimizer, raw_optimizer, report = grower.grow(loop.model, raw_optimizer, 1,
+                                                          note={"step": state.step, "reason": reason})
+    schedule.rebind(raw_optimizer)
+    index = moe.config.num_experts - 1
+    loop.novelty.seed(moe, index, request)
+    loop.rebind(model, optimizer)
+    if loop.acc.is_main_process:
+        logger.info("step %d: added expert %d (%d of at most %d, init %s). %s. %s", state.step, index,
+                    moe.config.num_experts, loop.cfg.train.max_experts, loop.cfg.train.grow_init, reason, report)
+    metrics.log(growth.growth_record(state.step, moe, "novelty", reason, report,
+                                     {"source": request.source, "similarity": request.similarity}), state.step)
+    return model, optimizer, raw_optimizer
 
 
 def micro_batches(loader, state: TrainState):
