@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench_moe import SHAPES, make_batch, _device_name
+from bench_moe import SHAPES, _device_name, make_batch, timed_step
 from dylora_moe import DyLoRAMoE, MoEConfig
 from dylora_moe.model.quantized import quantization_config
 from dylora_moe.model.tiny import random_causal_lm
@@ -112,17 +112,7 @@ def step_peak(moe, batch, device, autocast, steps, opt):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        with autocast():
-            loss = moe(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [timed_step(moe, batch, opt, device, autocast) for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else cpu_peak_gib(moe, batch, autocast)
     return statistics.median(times), peak
 

@@ -101,6 +101,19 @@ def saved_activation_bytes(model, batch, autocast):
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
+def timed_step(model, batch, opt, device, autocast) -> float:
+    """Seconds for one training step: forward, backward, AdamW."""
+    t0 = time.perf_counter()
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def measure(model, batch, steps, warmup, device, autocast):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -109,18 +122,7 @@ def measure(model, batch, steps, warmup, device, autocast):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        with autocast():
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times = [timed_step(model, batch, opt, device, autocast) for _ in range(warmup + steps)][warmup:]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return times, act / 2**20, peak
 
