@@ -8,6 +8,8 @@ beyond that: the config, and one bitsandbytes CPU behaviour that must be switche
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -24,11 +26,17 @@ def quantization_config(bits: int, compute_dtype: torch.dtype):
     raise ValueError(f"bits={bits!r}: expected 4 or 8")
 
 
+def _bnb():
+    """bitsandbytes if something already imported it, else None. A quantized model
+    implies it was (transformers did, to build the layers); importing it for a plain
+    model would cost a second and print its kernel warnings."""
+    return sys.modules.get("bitsandbytes")
+
+
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The bitsandbytes layers of a model, by name (empty when it is not quantized)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb = _bnb()
+    if bnb is None:
         return {}
     kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
@@ -48,10 +56,10 @@ def keep_trainable_through(model: nn.Module) -> None:
     gradients silently lose the base path (measured: 20-40% off on a tiny Llama, loss
     still falling). We switch the repacking off and undo any that already happened.
     """
-    try:
-        from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
-    except ImportError:
+    if _bnb() is None:
         return
+    from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
+
     for module in model.modules():
         if not isinstance(module, Linear4bit):
             continue
