@@ -63,3 +63,17 @@ def test_chunked_loss_is_on_by_default_for_large_vocabularies_only():
     small = make_moe(num_experts=2)
     small.train()
     assert small(**batch).logits is not None    # 256-token vocabulary: plain loss
+
+
+def test_automatic_chunk_size_follows_the_vocabulary():
+    from dylora_moe.model.loss import auto_chunk_tokens
+
+    assert auto_chunk_tokens(8192) == 0                      # small vocabularies: plain loss
+    assert auto_chunk_tokens(32_000) == 4096                 # capped
+    assert auto_chunk_tokens(256_000) == 2**28 // 256_000    # CodeGemma: ~1k tokens, ~3 GiB in flight
+    assert auto_chunk_tokens(10**7) == 512                   # floored
+    base = random_causal_lm(tiny_config("gemma", vocab_size=128_000, hidden_size=16, intermediate_size=64))
+    moe = DyLoRAMoE(base, MoEConfig())
+    assert moe._loss_chunk_tokens() == 2**28 // 128_000 < 4096
+    moe.unload()
+    assert DyLoRAMoE(base, MoEConfig(loss_chunk_tokens=0))._loss_chunk_tokens() == 0

@@ -36,11 +36,12 @@ class MoEConfig:
     mixture: str = "deltas"
     balance_coefficient: float = 0.01
     balance_loss: str = "mse"  # "mse": MSE(mean gate, 1/E) (the original's); "switch": E * sum(f * P)
+    # Chunked LM loss in training (logits never whole): tokens per chunk; None = on when
+    # the vocabulary has >= 32k tokens, sized by it (loss.auto_chunk_tokens: 1048 tokens at
+    # 256k), 0 = off (plain loss over full logits).
+    loss_chunk_tokens: Optional[int] = None
     # Maturity of the initial experts. Experts added later (#8) start immature, and any
     # immature expert keeps eval routing dense.
-    # Chunked LM loss in training (logits never whole): tokens per chunk; None = on when
-    # the vocabulary has >= 32k tokens, 0 = off (plain loss over full logits).
-    loss_chunk_tokens: Optional[int] = None
     experts_mature: bool = True
     # Optimizer steps of its own after which an immature expert (one added by growth, or
     # any with experts_mature: false) matures; an added expert's admission ramps 0 -> 1

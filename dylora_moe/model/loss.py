@@ -13,6 +13,20 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Logits per chunk when the size is automatic: 2**28 logits are ~3 GiB in flight (bf16
+# logits, their fp32 copy and its gradient). At CodeGemma's 256k vocabulary that is ~1k
+# tokens: measured on an H200 (plan.py's runs), 1024-token chunks peaked 2.4 GiB lower
+# than 4096-token ones at batch 2 x 1024, and each chunk is still a large matmul.
+AUTO_CHUNK_LOGITS = 2**28
+
+
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per loss chunk for `loss_chunk_tokens=None`: 0 (plain loss) below a 32k
+    vocabulary, where the logits are not what fills memory; else 512 to 4096 tokens,
+    fewer for larger vocabularies."""
+    if vocab_size < 32_000:
+        return 0
+    return max(512, min(4096, AUTO_CHUNK_LOGITS // vocab_size))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):

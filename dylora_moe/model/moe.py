@@ -29,7 +29,7 @@ from . import growth
 from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
-from .loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
+from .loss import IGNORE_INDEX, auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss
 from .peft_io import export_expert
 from .quantized import keep_trainable_through
 from .router import (OPTIONAL_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean,
@@ -301,7 +301,7 @@ class DyLoRAMoE(nn.Module):
         if not plain_head:
             return 0
         if setting is None:
-            return 4096 if head.out_features >= 32_000 else 0
+            return auto_chunk_tokens(head.out_features)
         return setting
 
     def _deltas_logits(self, input_ids, attention_mask, gates, base_kwargs):
