@@ -86,10 +86,13 @@ def saved_activation_bytes(model, batch, autocast):
     seen = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        # Keep nothing: this forward is never backpropagated. Returning `t` itself would
-        # tie each saved output to its own grad_fn, a cycle through C++ that Python's gc
-        # cannot free: every call leaked a whole forward's activations (an OOM on the GPU).
+        # Keep the storage, not the tensor: the graph holds this hook, so holding a tensor
+        # (whose grad_fn holds the graph) would close a cycle through C++ that Python's
+        # gc cannot free; every call leaked a whole forward's activations (an OOM on the
+        # GPU). A storage has no grad_fn, and keeping it alive stops a freed address
+        # being reused and counted once for two tensors.
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage
         return None
 
     def unpack(_):
@@ -98,7 +101,7 @@ def saved_activation_bytes(model, batch, autocast):
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack), autocast():
         model(**batch).loss
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in seen.items() if ptr not in params)
+    return sum(storage.nbytes() for ptr, storage in seen.items() if ptr not in params)
 
 
 def timed_step(model, batch, opt, device, autocast) -> float:
