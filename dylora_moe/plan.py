@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .model.tiny import TINY_PREFIX
+
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1]  # the repo: accelerate_configs/, ds_configs/
-TINY_PREFIX = "tiny-random:"
 
 # What nvidia-smi reports as each card's total memory (MiB). The CUDA context and
 # allocator slack come out of this, which is why the plan adds an allowance for them.

@@ -67,10 +67,18 @@ def _quantization_kwargs(recipe, compute_dtype) -> dict:
     return {"quantization_config": quantization_config(bits, compute_dtype), "device_map": {"": device}}
 
 
-def _base_from_run(src: Path, recipe) -> str:
+def local_base(src: Path):
+    """The tiny random base a run saved beside its outputs (base_model/), or None."""
     for parent in (src, *src.parents):
         if (parent / "base_model" / "config.json").is_file():
-            return str(parent / "base_model")
+            return parent / "base_model"
+    return None
+
+
+def _base_from_run(src: Path, recipe) -> str:
+    base = local_base(src)
+    if base is not None:
+        return str(base)
     if recipe is None or recipe.model.base_model.startswith("tiny-random:"):
         raise FileNotFoundError(f"{src}: cannot find the base model; pass --base_model")
     return recipe.model.base_model

@@ -43,12 +43,12 @@ def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     """Measure, prune, write; returns the summary also written as prune.json."""
     from ..train.config import load_recipe
     from ..train.loop import write_portable
-    from .loading import load_run
+    from .loading import load_run, local_base
 
-    loaded = load_run(run, base_model=base_model)
     out = Path(output) if output else Path(str(Path(run).resolve()).rstrip("/") + "-pruned")
-    if out.exists():
+    if out.exists():  # checked before anything loads
         raise ValueError(f"{out} already exists: choose another --output (prune never overwrites)")
+    loaded = load_run(run, base_model=base_model)
     recipe_path = loaded.source / "recipe.yaml"
     if not recipe_path.is_file():
         raise FileNotFoundError(f"{recipe_path}: missing; prune measures usage on the run's validation data")
@@ -69,20 +69,13 @@ def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     write_portable(moe, loaded.tokenizer, recipe, tmp)
-    base = _local_base(loaded.source)
+    base = local_base(loaded.source)
     if base is not None and base_model is None:  # a tiny random base lives in the run: take it along
         shutil.copytree(base, tmp / "base_model")
     (tmp / "prune.json").write_text(json.dumps(summary, indent=2) + "\n")
     tmp.rename(out)
     summary["output"] = str(out)
     return summary
-
-
-def _local_base(source: Path):
-    for parent in (source, *source.parents):
-        if (parent / "base_model" / "config.json").is_file():
-            return parent / "base_model"
-    return None
 
 
 def _rounded(values) -> list[float]:

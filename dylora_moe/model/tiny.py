@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, PhiConfig
 
 ARCHITECTURES = ("gemma", "llama", "gpt2", "gpt_neox", "phi")
+# A recipe's model.base_model = "tiny-random:<arch>" asks for one of these (offline).
+TINY_PREFIX = "tiny-random:"
 
 # google/codegemma-2b's shape (its config.json): what the GPU benchmark runs.
 CODEGEMMA_2B = dict(vocab_size=256000, hidden_size=2048, num_hidden_layers=18, num_attention_heads=8,

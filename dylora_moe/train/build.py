@@ -12,10 +12,9 @@ from torch.utils.data import DataLoader
 from ..data import DataCollator, PackingCollator, build_demo_tokenizer
 from ..model import DyLoRAMoE
 from ..model.quantized import quantization_config
-from ..model.tiny import random_causal_lm, tiny_config
+from ..model.tiny import TINY_PREFIX, random_causal_lm, tiny_config
 
 logger = logging.getLogger(__name__)
-TINY_PREFIX = "tiny-random:"
 
 
 def main_first(accelerator, path: Path, create) -> Path:

@@ -41,6 +41,7 @@ from ..model.growth import expert_axes
 from ..model.moe import CONFIG_FILE
 from . import build
 from .checkpoint import read_marker
+from .maturity import full_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Grower:
         moe = acc.unwrap_model(model)
         old_count = moe.config.num_experts
         carried = raw_optimizer.state_dict() if _reshapeable(raw_optimizer, self.deepspeed) else None
-        masters = [_full_fp32(p) for p in moe.trainable_parameters()] if self.deepspeed else None
+        masters = [full_fp32(p).cpu() for p in moe.trainable_parameters()] if self.deepspeed else None
         acc.free_memory()  # out of DDP / DeepSpeed: their wrappers hold the old tensors
         # ...and prepare must wrap it again (DDP), not return it as already prepared
         moe.__dict__.pop("_is_accelerate_prepared", None)
@@ -182,16 +183,6 @@ def _append_zeros(value: torch.Tensor, axis, experts: int) -> torch.Tensor:
 def _reshapeable(optimizer, deepspeed: bool) -> bool:
     # Exactly torch's AdamW: its state is per-parameter tensors shaped like the parameter.
     return not deepspeed and type(optimizer) is torch.optim.AdamW
-
-
-def _full_fp32(param) -> torch.Tensor:
-    """The exact fp32 value of a parameter: under ZeRO DeepSpeed's master copy (a
-    collective: every rank calls it), else the parameter itself."""
-    if hasattr(param, "_hp_mapping"):  # None on a rank that owns none of it: it still joins the collective
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(param).detach().cpu()
-    return param.detach().float().cpu()
 
 
 def _set_fp32_masters(moe, masters: list[torch.Tensor], old_count: int) -> None:

@@ -60,7 +60,7 @@ class ExpertFreezer:
         # Snapshot the exact fp32 values: under ZeRO the module copy may be bf16 and the
         # master copy lives, partitioned, in DeepSpeed's optimizer.
         for i, axis in enumerate(self.axes):
-            full = _full_fp32(axis.get())
+            full = full_fp32(axis.get())
             self.snapshots[i] = full if self.snapshots[i] is None else torch.where(
                 self._mask(axis, self.frozen, full), self.snapshots[i], full)
         self.frozen |= mature
@@ -98,8 +98,11 @@ class ExpertFreezer:
         return flags.view(shape)
 
 
-def _full_fp32(param: torch.Tensor) -> torch.Tensor:
-    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 (None where this rank owns none of it): a collective
+def full_fp32(param: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 copy of a parameter's exact value: under ZeRO DeepSpeed's master
+    copy (a collective: every rank calls it, also one that owns none of it), else the
+    parameter itself (the module copy may be bf16 under ZeRO)."""
+    if hasattr(param, "_hp_mapping"):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param).detach().clone()
