@@ -528,16 +528,19 @@ def loss_stage_bytes(shape: ModelShape, step: Step, held_bytes: int) -> float:
     Plain loss: the logits (T x V, kept by the model output through the whole backward:
     `held_bytes` a logit), the fp32 log-probs cross_entropy saves, and in backward the
     gradients of the log-probs and of the logits, both fp32: held + 12 bytes a logit.
-    Chunked loss (each chunk checkpointed): no logits are kept; the backward recomputes
-    one chunk at a time, so the same 12 bytes a logit for one chunk only, plus the copy
-    of the labelled positions' hidden states. Every position is counted as labelled
+    Chunked loss (model/loss.py): one chunk's logits at a time, in the forward, which
+    also computes their gradient: the matmul's output, its fp32 copy and the gradient
+    cast back for the next matmul (one fp32 tensor in fp32, 4 bytes a logit; 6 in bf16),
+    plus the labelled positions' hidden states and their gradient, kept for the
+    backward. Every position is counted as labelled
     (prompts are not): an upper bound. The reference mode (mixture=logits) keeps
     each expert pass's fp32 logits and their mixture as well."""
     n, v, s = step.batch * (step.seq - 1), shape.vocab, step.act_bytes
     if step.mixture == "logits":
         return n * v * (4 * step.num_experts + 4 + 12)
     if shape.loss_chunk_tokens:
-        return min(shape.loss_chunk_tokens, n) * v * 12 + n * shape.hidden * s
+        per_logit = 4 if s == 4 else 4 + s
+        return min(shape.loss_chunk_tokens, n) * v * per_logit + 2 * n * shape.hidden * s
     return n * v * (held_bytes + 12)
 
 

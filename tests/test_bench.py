@@ -1,5 +1,6 @@
 """The benchmark keeps running (no timings asserted: those live in bench/)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,34 @@ def test_memory_bench_runs_every_setting_and_checkpointing_saves_memory(tmp_path
             # chunked loss (chunks of a quarter of the batch at this tiny vocabulary) cut them.
             assert by[b, e, True, True]["peak_gib"] < by[b, e, False, True]["peak_gib"]
             assert by[b, e, False, True]["peak_gib"] < by[b, e, False, False]["peak_gib"]
+
+
+def test_loss_bench_runs_and_the_fused_chunked_loss_holds_the_least(tmp_path):
+    out = tmp_path / "loss.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_loss.py"), "--shape", "tiny", "--rounds", "1",
+                    "--out", str(out)], check=True, cwd=ROOT, capture_output=True, text=True)
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    plain, before, fused = rows["plain"], rows["chunked, checkpointed (before)"], rows["chunked, fused (now)"]
+    # Same loss and gradients; the fused variant never holds more than one chunk's logits.
+    assert abs(fused["loss"] - plain["loss"]) < 1e-5 and fused["max_grad_diff"] < 1e-6
+    assert fused["peak_mib"] < before["peak_mib"] < plain["peak_mib"]
+
+
+def test_gpu_session_script_runs_every_step(tmp_path):
+    """bench/gpu_session.sh is what a lent GPU's few minutes run: every step of it runs
+    here at the tiny shape (compile switched off: inductor needs a minute on CPU), so a
+    typo cannot waste them. Its step profile accounts for the time by group."""
+    env = dict(os.environ, GPU_SESSION_SHAPE="tiny", TORCH_COMPILE_DISABLE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), str(tmp_path), "300"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("   exit 0 after") == 6, run.stdout
+    results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(results) == {"profile", "loss", "profile-compiled", "profile-compiled-b16", "moe", "memory"}
+    profile = results["profile"]
+    assert profile["tokens_per_s"] > 0 and 0 < profile["busy_fraction"] <= 1.0
+    assert abs(sum(profile["groups"].values()) - profile["busy_s_per_step"]) < 1e-9
+    assert profile["groups"]["matmul"] > 0 and profile["groups"]["optimizer"] > 0
+    assert results["profile-compiled-b16"]["meta"]["batch"] == 16
+    assert any(row["compile"] for row in results["memory"]["rows"])

@@ -2,6 +2,7 @@
 the full logits in training."""
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_batch, make_moe, randomize_experts
 
 from dylora_moe import DyLoRAMoE, MoEConfig
@@ -30,6 +31,50 @@ def test_chunked_equals_plain_loss_and_gradients(chunk, softcap):
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(hidden.grad, grads[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(weight.grad, grads[1], atol=1e-5, rtol=0)
+
+
+def _loss_problem(dtype=torch.float32, vocab=300):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 40, 24, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, 24, generator=g).to(dtype)  # frozen, as the real LM head is
+    labels = torch.randint(0, vocab, (2, 40), generator=g)
+    labels[1, :9] = -100
+    return hidden, weight, labels
+
+
+def test_chunked_loss_scales_its_gradient_by_the_incoming_one():
+    """The gradients are computed in the forward; the backward must still honour what
+    flows in (gradient accumulation scales the loss, DeepSpeed scales it again)."""
+    hidden, weight, labels = _loss_problem()
+    (causal_lm_loss(hidden @ weight.T, labels)[0] * 2.5).backward()
+    expected, hidden.grad = hidden.grad.clone(), None
+    (chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=16)[0] * 2.5).backward()
+    torch.testing.assert_close(hidden.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_without_grad_gives_the_same_value():
+    hidden, weight, labels = _loss_problem()
+    with_grad, _ = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=16)
+    with torch.no_grad():
+        without, _ = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=16)
+    assert not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), atol=0, rtol=0)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_one():
+    """Mixed precision: the matmuls run in bf16 in both paths, the softmax in fp32."""
+    hidden, weight, labels = _loss_problem(torch.bfloat16, vocab=2000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = causal_lm_loss(F.linear(hidden, weight), labels)
+        plain.backward()
+        expected, hidden.grad = hidden.grad.clone(), None
+        chunked, _ = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=16)
+        chunked.backward()
+    assert hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(chunked, plain, atol=1e-4, rtol=1e-4)
+    # bf16 rounds at ~0.4% of a value; the paths scale by 1/count before or after it.
+    scale = expected.float().abs().max().item()
+    torch.testing.assert_close(hidden.grad.float(), expected.float(), atol=1e-2 * scale, rtol=2e-2)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama", "gpt2"])
@@ -70,7 +115,7 @@ def test_automatic_chunk_size_follows_the_vocabulary():
 
     assert auto_chunk_tokens(8192) == 0                      # small vocabularies: plain loss
     assert auto_chunk_tokens(32_000) == 4096                 # capped
-    assert auto_chunk_tokens(256_000) == 2**28 // 256_000    # CodeGemma: ~1k tokens, ~3 GiB in flight
+    assert auto_chunk_tokens(256_000) == 2**28 // 256_000    # CodeGemma: ~1k tokens, ~1.5 GiB in flight
     assert auto_chunk_tokens(10**7) == 512                   # floored
     base = random_causal_lm(tiny_config("gemma", vocab_size=128_000, hidden_size=16, intermediate_size=64))
     moe = DyLoRAMoE(base, MoEConfig())

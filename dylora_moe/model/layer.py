@@ -22,8 +22,9 @@ from torch import nn
 class GateSlot:
     """The gates of the current forward pass, shared by every stacked layer of a model.
 
-    The wrapper writes them once per forward (already repeated r times per expert and
-    cast to the activation dtype), so 70+ layers don't each redo that work. They stay
+    The wrapper writes them once per forward (already repeated r times per expert,
+    multiplied by the LoRA scaling alpha / r, which every layer shares, and cast to the
+    activation dtype), so 70+ layers don't each redo that work, nor scale their outputs. They stay
     set after the forward on purpose: non-reentrant gradient checkpointing re-runs the
     layers during backward and must see the same gates.
     """
@@ -77,12 +78,16 @@ class StackedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        gates = self._slot.active()
+        gates = self._slot.active()  # already scaled by alpha / r (GateSlot)
         if gates is None:
             return y
-        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
-        delta = F.linear(h * gates, self.lora_B)
-        return y + (delta * self.scaling).to(y.dtype)
+        x = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # A bf16 base with fp32 adapters and no autocast. Under autocast the matmul
+            # casts x itself, and an fp32 copy of it would only be cast straight back.
+            x = x.to(self.lora_A.dtype)
+        delta = F.linear(F.linear(x, self.lora_A) * gates, self.lora_B)
+        return y + delta.to(y.dtype)
 
     def expert_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_i, B_i): views of expert i's slice of the stacks."""

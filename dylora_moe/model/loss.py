@@ -2,19 +2,19 @@
 
 CodeGemma's 256,000-token vocabulary makes the logits the largest tensor of a step
 (batch 4 x 1024: 1 GiB in bf16, 2 GiB more in fp32 for the loss, and the same again for
-the gradient). The chunked loss never builds them whole: it runs the LM head on a few
-thousand tokens at a time, each chunk under activation checkpointing, so the backward
-recomputes one chunk's logits at a time too. Same loss and gradients as the plain one.
+the gradient). The chunked loss never builds them whole: it runs the LM head on about a
+thousand tokens at a time and computes each chunk's gradient right there, in the
+forward (LinearCrossEntropy), so the backward has no logits to rebuild. Same loss and
+gradients as the plain one.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# Logits per chunk when the size is automatic: 2**28 logits are ~3 GiB in flight (bf16
-# logits, their fp32 copy and its gradient). At CodeGemma's 256k vocabulary that is ~1k
+# Logits per chunk when the size is automatic: 2**28 logits are ~1.5 GiB in flight (their
+# fp32 copy, then the bf16 gradient beside it). At CodeGemma's 256k vocabulary that is ~1k
 # tokens: measured on an H200 (plan.py's runs), 1024-token chunks peaked 2.4 GiB lower
 # than 4096-token ones at batch 2 x 1024, and each chunk is still a large matmul.
 AUTO_CHUNK_LOGITS = 2**28
@@ -48,17 +48,69 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labe
     keep = shift_labels != IGNORE_INDEX
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
     targets = shift_labels[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], chunk_tokens):
-        total = total + checkpoint(_chunk_loss, states[start:start + chunk_tokens], head_weight,
-                                   targets[start:start + chunk_tokens], softcap, use_reentrant=False)
+    grads = torch.is_grad_enabled()
+    total = LinearCrossEntropy.apply(states, head_weight, targets, chunk_tokens, softcap,
+                                     grads and states.requires_grad, grads and head_weight.requires_grad)
     count = keep.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp_min(1)
     return total / denominator, count
 
 
-def _chunk_loss(states, weight, targets, softcap):
-    logits = F.linear(states, weight).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(states_i @ weight.T, target_i), one chunk of rows at a time,
+    with the gradients computed in the forward while each chunk's logits are at hand.
+
+    Why not autograd with each chunk checkpointed (this project's first version): the
+    backward then recomputes every chunk's logits, a third LM-head matmul (about a tenth
+    of a CodeGemma-2B step's FLOPs at 1k tokens per row), and walks the fp32 logits
+    several more times. Here each chunk costs two matmuls (logits, then the gradient of
+    the states) and one softmax written in place; the backward only scales the stored
+    gradients by the incoming one. Matmuls run in the dtype autocast gives them, like
+    the plain path, so the two agree to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, chunk_tokens, softcap, need_states, need_weight):
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grad_states = torch.empty_like(states) if need_states else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, targets.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            x, y = states[rows], targets[rows]
+            logits = F.linear(x, weight)
+            matmul_dtype = logits.dtype
+            z = logits.float()
+            del logits
+            if softcap:
+                squashed = torch.tanh(z / softcap)
+                z = squashed * softcap
+            # log-sum-exp and softmax in place in z: torch.logsumexp would allocate a
+            # second chunk-sized fp32 tensor (it doubled the loss's peak).
+            picked = z.gather(1, y[:, None]).squeeze(1)
+            top = z.amax(dim=-1, keepdim=True)
+            sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (top + sums.log()).squeeze(1).sub(picked).sum()
+            if not (need_states or need_weight):
+                continue
+            # d loss / d logits = softmax - one_hot(target)
+            g = z.div_(sums)
+            g[torch.arange(y.shape[0], device=y.device), y] -= 1
+            if softcap:  # through softcap * tanh(logits / softcap)
+                g.mul_(1 - squashed * squashed)
+            g = g.to(matmul_dtype)
+            if need_states:
+                grad_states[rows] = torch.mm(g, weight.to(matmul_dtype)).to(states.dtype)
+            if need_weight:
+                grad_weight += torch.mm(g.t(), x.to(matmul_dtype)).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_states, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_states, grad_weight = ctx.saved_tensors
+        if grad_states is not None:
+            grad_states = grad_states * grad_total.to(grad_states.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_states, grad_weight, None, None, None, None, None

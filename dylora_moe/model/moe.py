@@ -153,7 +153,7 @@ class DyLoRAMoE(nn.Module):
             self._slot.expanded = None
             return
         dtype = self.experts_dtype(gates.device.type)
-        self._slot.expanded = gates.repeat_interleave(self._lora_r, dim=-1).to(dtype)
+        self._slot.expanded = (gates.repeat_interleave(self._lora_r, dim=-1) * self.config.scaling).to(dtype)
 
     def experts_dtype(self, device_type: str) -> torch.dtype:
         if torch.is_autocast_enabled(device_type):
