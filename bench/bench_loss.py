@@ -5,6 +5,7 @@ each chunk computed in the forward: model/loss.py), interleaved in one run.
 
     python bench/bench_loss.py                         # CPU, 512 tokens, 256k vocabulary, ~1 min
     python bench/bench_loss.py --shape codegemma-2b    # GPU, bf16, 4 x 1024 tokens, hidden 2048
+    python bench/bench_loss.py --compile               # + the per-chunk softmax compiled (model.compile)
 
 The LM head is frozen, as in training (tied to the frozen embeddings). Ratios are to the
 plain loss of the same run; nothing here is asserted in tests but that it runs and that
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
-from dylora_moe.model.loss import auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss
+from dylora_moe.model.loss import auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
 
 SHAPES = {
     "tiny": dict(rows=2, seq=64, hidden=32, vocab=4096, chunk=32),      # smoke test
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="small")
     p.add_argument("--rounds", type=int, default=3, help="interleaved sweeps over the variants (median reported)")
+    p.add_argument("--compile", action="store_true",
+                   help="add the fused loss with its softmax compiled (model.compile; inductor takes ~1 min on CPU)")
     p.add_argument("--out", help="JSON path (default bench/results/loss-<shape>-<device>.json)")
     return p.parse_args(argv)
 
@@ -62,7 +65,14 @@ def fused(hidden, weight, labels, chunk):
     return chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk)[0]
 
 
-VARIANTS = {"plain": plain, "chunked, checkpointed (before)": checkpointed_chunks, "chunked, fused (now)": fused}
+def fused_compiled(hidden, weight, labels, chunk, _compiled=[]):
+    if not _compiled:  # built on first use: compiling is part of the warm-up
+        _compiled.append(compiled_chunk_loss())
+    return chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk, chunk_fn=_compiled[0])[0]
+
+
+VARIANTS = {"plain": plain, "chunked, checkpointed (before)": checkpointed_chunks, "chunked, fused (now)": fused,
+            "chunked, fused, compiled": fused_compiled}
 
 
 def problem(shape, device, dtype):
@@ -120,23 +130,24 @@ def main(argv=None):
     chunk = shape["chunk"] or auto_chunk_tokens(shape["vocab"])
     hidden, weight, labels = problem(shape, device, dtype)
 
-    times = {name: [] for name in VARIANTS}
+    variants = {name: fn for name, fn in VARIANTS.items() if args.compile or fn is not fused_compiled}
+    times = {name: [] for name in variants}
     peaks, losses, grads = {}, {}, {}
-    for fn in VARIANTS.values():  # warm-up
+    for fn in variants.values():  # warm-up
         run_once(fn, hidden, weight, labels, chunk, device, autocast)
     for _ in range(args.rounds):
-        for name, fn in VARIANTS.items():
+        for name, fn in variants.items():
             seconds, peak, losses[name] = run_once(fn, hidden, weight, labels, chunk, device, autocast)
             times[name].append(seconds)
             grads[name] = hidden.grad.float().clone()
             if peak is not None:
                 peaks[name] = max(peaks.get(name, 0), peak)
     if device.type == "cpu":
-        peaks = {name: cpu_peak(fn, hidden, weight, labels, chunk, autocast) for name, fn in VARIANTS.items()}
+        peaks = {name: cpu_peak(fn, hidden, weight, labels, chunk, autocast) for name, fn in variants.items()}
 
     rows = []
     base = statistics.median(times["plain"])
-    for name in VARIANTS:
+    for name in variants:
         step = statistics.median(times[name])
         rows.append(dict(name=name, seconds=step, vs_plain=step / base, peak_mib=peaks[name] / 2**20,
                          loss=losses[name],

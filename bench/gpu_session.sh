@@ -37,9 +37,10 @@ step() {  # step NAME LIMIT_S SCRIPT ARGS...
 }
 
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
-# 1. Where the eager bf16 step's time goes, then the loss alone (what the fused loss saves).
+# 1. Where the eager bf16 step's time goes; the loss alone (what the fused loss saves,
+#    eager and with its softmax compiled).
 step profile 100 profile_step.py --shape "$shape" --out "$out/profile.json"
-step loss 60 bench_loss.py --shape "$shape" --out "$out/loss.json"
+step loss 90 bench_loss.py --shape "$shape" --compile --out "$out/loss.json"
 # 2. The same step compiled, and at a larger micro-batch (MFU grows with the batch).
 step profile-compiled 150 profile_step.py --shape "$shape" --compile --out "$out/profile-compiled.json"
 step profile-compiled-b16 120 profile_step.py --shape "$shape" --compile --batch 16 \

@@ -67,3 +67,4 @@ def test_gpu_session_script_runs_every_step(tmp_path):
     assert profile["groups"]["matmul"] > 0 and profile["groups"]["optimizer"] > 0
     assert results["profile-compiled-b16"]["meta"]["batch"] == 16
     assert any(row["compile"] for row in results["memory"]["rows"])
+    assert [r["name"] for r in results["loss"]["rows"]][-1] == "chunked, fused, compiled"

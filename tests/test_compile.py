@@ -18,15 +18,19 @@ def steps(moe):
 
 
 def test_compiled_blocks_give_the_same_loss_logits_and_gradients():
-    eager = make_moe("gemma", num_experts=3)
-    compiled = make_moe("gemma", num_experts=3)
+    # A chunked loss (5-token chunks) so the compiled per-chunk softmax runs too.
+    eager = make_moe("gemma", num_experts=3, loss_chunk_tokens=5)
+    compiled = make_moe("gemma", num_experts=3, loss_chunk_tokens=5)
     randomize_experts(eager)
     randomize_experts(compiled)
     # aot_eager: dynamo's graph capture and AOT autograd, as inductor gets them, without
     # the minute of C++ code generation inductor spends on CPU (inductor is the default).
-    assert compiled.compile_base(backend="aot_eager") == 2
+    assert compiled.compile_base(compile_loss=True, backend="aot_eager") == 2
+    calls, compiled_loss = [], compiled._chunk_loss_fn
+    compiled._chunk_loss_fn = lambda *args: calls.append(1) or compiled_loss(*args)
     ref_loss, ref_logits, ref_grads = steps(eager)
     loss, logits, grads = steps(compiled)
+    assert calls  # the training forwards went through the compiled per-chunk softmax
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
@@ -43,3 +47,4 @@ def test_recipe_compile_flag_compiles_the_blocks():
     moe = build_moe(cfg, make_base("llama"))
     blocks = decoder_blocks(moe.base_model)
     assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
+    assert moe._chunk_loss_fn is None  # on CPU the loss's softmax stays eager (compile_base)

@@ -6,12 +6,18 @@ import torch.nn.functional as F
 from conftest import make_batch, make_moe, randomize_experts
 
 from dylora_moe import DyLoRAMoE, MoEConfig
-from dylora_moe.model.loss import causal_lm_loss, chunked_causal_lm_loss
+from dylora_moe.model.loss import (causal_lm_loss, chunk_loss_functional, chunked_causal_lm_loss,
+                                   compiled_chunk_loss)
 from dylora_moe.model.tiny import random_causal_lm, tiny_config
 
 
+CHUNK_FNS = {"in place": None, "functional": chunk_loss_functional,
+             "compiled": compiled_chunk_loss(backend="aot_eager")}  # aot_eager: see test_compile.py
+
+
+@pytest.mark.parametrize("chunk_fn", CHUNK_FNS)
 @pytest.mark.parametrize("chunk,softcap", [(1, None), (7, None), (4096, None), (5, 30.0)])
-def test_chunked_equals_plain_loss_and_gradients(chunk, softcap):
+def test_chunked_equals_plain_loss_and_gradients(chunk, softcap, chunk_fn):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
@@ -25,7 +31,8 @@ def test_chunked_equals_plain_loss_and_gradients(chunk, softcap):
     plain.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    chunked, n_chunked = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk, softcap=softcap)
+    chunked, n_chunked = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk, softcap=softcap,
+                                                chunk_fn=CHUNK_FNS[chunk_fn])
     chunked.backward()
     assert n_plain == n_chunked
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)

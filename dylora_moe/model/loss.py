@@ -41,16 +41,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-                           num_items_in_batch=None, chunk_tokens: int = 4096, softcap: float | None = None):
+                           num_items_in_batch=None, chunk_tokens: int = 4096, softcap: float | None = None,
+                           chunk_fn=None):
     """The same loss from the final hidden states and the LM head weight (vocab x hidden),
-    `chunk_tokens` label positions at a time. Only positions with a label are computed."""
+    `chunk_tokens` label positions at a time. Only positions with a label are computed.
+    `chunk_fn`: how each chunk's loss and logit gradient are computed (default
+    `chunk_loss_in_place`; `compiled_chunk_loss()` under model.compile)."""
     shift_labels = labels[:, 1:].reshape(-1)
     keep = shift_labels != IGNORE_INDEX
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
     targets = shift_labels[keep]
     grads = torch.is_grad_enabled()
     total = LinearCrossEntropy.apply(states, head_weight, targets, chunk_tokens, softcap,
-                                     grads and states.requires_grad, grads and head_weight.requires_grad)
+                                     grads and states.requires_grad, grads and head_weight.requires_grad,
+                                     chunk_fn or chunk_loss_in_place)
     count = keep.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp_min(1)
     return total / denominator, count
@@ -64,44 +68,25 @@ class LinearCrossEntropy(torch.autograd.Function):
     backward then recomputes every chunk's logits, a third LM-head matmul (about a tenth
     of a CodeGemma-2B step's FLOPs at 1k tokens per row), and walks the fp32 logits
     several more times. Here each chunk costs two matmuls (logits, then the gradient of
-    the states) and one softmax written in place; the backward only scales the stored
-    gradients by the incoming one. Matmuls run in the dtype autocast gives them, like
-    the plain path, so the two agree to rounding.
+    the states) and one softmax; the backward only scales the stored gradients by the
+    incoming one. Matmuls run in the dtype autocast gives them, like the plain path, so
+    the two agree to rounding.
     """
 
     @staticmethod
-    def forward(ctx, states, weight, targets, chunk_tokens, softcap, need_states, need_weight):
+    def forward(ctx, states, weight, targets, chunk_tokens, softcap, need_states, need_weight, chunk_fn):
         total = torch.zeros((), dtype=torch.float32, device=states.device)
         grad_states = torch.empty_like(states) if need_states else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         for start in range(0, targets.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            x, y = states[rows], targets[rows]
-            logits = F.linear(x, weight)
-            matmul_dtype = logits.dtype
-            z = logits.float()
-            del logits
-            if softcap:
-                squashed = torch.tanh(z / softcap)
-                z = squashed * softcap
-            # log-sum-exp and softmax in place in z: torch.logsumexp would allocate a
-            # second chunk-sized fp32 tensor (it doubled the loss's peak).
-            picked = z.gather(1, y[:, None]).squeeze(1)
-            top = z.amax(dim=-1, keepdim=True)
-            sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            total += (top + sums.log()).squeeze(1).sub(picked).sum()
-            if not (need_states or need_weight):
-                continue
-            # d loss / d logits = softmax - one_hot(target)
-            g = z.div_(sums)
-            g[torch.arange(y.shape[0], device=y.device), y] -= 1
-            if softcap:  # through softcap * tanh(logits / softcap)
-                g.mul_(1 - squashed * squashed)
-            g = g.to(matmul_dtype)
+            x = states[rows]
+            loss, g = chunk_fn(F.linear(x, weight), targets[rows], softcap, need_states or need_weight)
+            total += loss
             if need_states:
-                grad_states[rows] = torch.mm(g, weight.to(matmul_dtype)).to(states.dtype)
+                grad_states[rows] = torch.mm(g, weight.to(g.dtype)).to(states.dtype)
             if need_weight:
-                grad_weight += torch.mm(g.t(), x.to(matmul_dtype)).float()
+                grad_weight += torch.mm(g.t(), x.to(g.dtype)).float()
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_states, grad_weight)
         return total
@@ -113,4 +98,52 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_states = grad_states * grad_total.to(grad_states.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_states, grad_weight, None, None, None, None, None
+        return grad_states, grad_weight, None, None, None, None, None, None
+
+
+def chunk_loss_in_place(logits, targets, softcap, need_grad):
+    """(summed cross-entropy in fp32, d loss / d logits in the logits' dtype or None) for
+    one chunk, consuming `logits`: everything is done in place in one fp32 copy, since
+    torch.logsumexp would allocate a second chunk-sized tensor (it doubled the loss's peak)."""
+    dtype = logits.dtype
+    z = logits.float()
+    del logits
+    if softcap:
+        squashed = torch.tanh(z / softcap)
+        z = squashed * softcap
+    picked = z.gather(1, targets[:, None]).squeeze(1)
+    top = z.amax(dim=-1, keepdim=True)
+    sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    loss = (top + sums.log()).squeeze(1).sub(picked).sum()
+    if not need_grad:
+        return loss, None
+    g = z.div_(sums)  # softmax ...
+    g[torch.arange(targets.shape[0], device=targets.device), targets] -= 1  # ... - one_hot(target)
+    if softcap:  # through softcap * tanh(logits / softcap)
+        g.mul_(1 - squashed * squashed)
+    return loss, g.to(dtype)
+
+
+def chunk_loss_functional(logits, targets, softcap, need_grad):
+    """chunk_loss_in_place's maths without mutation, for torch.compile: inductor fuses it
+    into a row reduction and one elementwise pass that reads the logits and writes the
+    gradient, instead of the seven full passes over fp32 logits the eager version makes."""
+    z = logits.float()
+    if softcap:
+        squashed = torch.tanh(z / softcap)
+        z = squashed * softcap
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    loss = (lse.squeeze(1) - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    if not need_grad:
+        return loss, None
+    columns = torch.arange(z.shape[1], device=z.device)
+    g = torch.exp(z - lse) - (columns[None, :] == targets[:, None]).to(z.dtype)
+    if softcap:
+        g = g * (1 - squashed * squashed)
+    return loss, g.to(logits.dtype)
+
+
+def compiled_chunk_loss(**compile_kwargs):
+    """chunk_loss_functional under torch.compile (dynamic: the last chunk is shorter)."""
+    compile_kwargs.setdefault("dynamic", True)
+    return torch.compile(chunk_loss_functional, **compile_kwargs)
