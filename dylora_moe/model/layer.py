@@ -24,9 +24,9 @@ class GateSlot:
 
     The wrapper writes them once per forward (already repeated r times per expert,
     multiplied by the LoRA scaling alpha / r, which every layer shares, and cast to the
-    activation dtype), so 70+ layers don't each redo that work, nor scale their outputs. They stay
-    set after the forward on purpose: non-reentrant gradient checkpointing re-runs the
-    layers during backward and must see the same gates.
+    activation dtype), so 70+ layers don't each redo that work, nor scale their outputs.
+    They stay set after the forward on purpose: non-reentrant gradient checkpointing
+    re-runs the layers during backward and must see the same gates.
     """
 
     def __init__(self) -> None:
