@@ -45,7 +45,9 @@ step loss 90 bench_loss.py --shape "$shape" --compile --out "$out/loss.json"
 step profile-compiled 150 profile_step.py --shape "$shape" --compile --out "$out/profile-compiled.json"
 step profile-compiled-b16 120 profile_step.py --shape "$shape" --compile --batch 16 \
     --out "$out/profile-compiled-b16.json"
-# 3. The README's tables: stacked experts vs PEFT and the loop; the memory settings.
+# 3. What the base_hidden routing pass costs on padded and packed instruction-like rows.
+step routing 90 bench_routing.py --shape "$shape" --examples 32 --rounds 2 --out "$out/routing.json"
+# 4. The README's tables: stacked experts vs PEFT and the loop; the memory settings.
 step moe 200 bench_moe.py --shape "$shape" --experts 1,4,8 --skip_logits_above 4 --steps 3 \
     --out "$out/moe.json"
 step memory 300 bench_memory.py --shape "$shape" --bases "$bases" --compile --steps 5 \

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +51,21 @@ def test_loss_bench_runs_and_the_fused_chunked_loss_holds_the_least(tmp_path):
     assert fused["peak_mib"] < before["peak_mib"] < plain["peak_mib"]
 
 
+def test_routing_bench_runs_and_packed_rows_route_on_their_prompts_only(tmp_path):
+    out = tmp_path / "routing.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "bench_routing.py"), "--shape", "tiny", "--rounds", "1",
+                    "--steps", "1", "--out", str(out)], check=True, cwd=ROOT, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    rows = {(r["rows"], r["router_input"], r["routing_pass_whole_rows"]): r for r in result["rows"]}
+    assert len(rows) == 5 and all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["padded", "embeddings", False]["routing_pass_tokens"] == 0
+    # the prompts-only pass sees more than the prompts (its rows end at their longest
+    # prefix) but less than whole rows
+    prompts = result["meta"]["prompt_fraction"] * result["meta"]["real_tokens"]
+    now, before = rows["packed", "base_hidden", False], rows["packed", "base_hidden", True]
+    assert prompts * 0.9 <= now["routing_pass_tokens"] < before["routing_pass_tokens"]
+
+
 def test_gpu_session_script_runs_every_step(tmp_path):
     """bench/gpu_session.sh is what a lent GPU's few minutes run: every step of it runs
     here at the tiny shape (compile switched off: inductor needs a minute on CPU), so a
@@ -58,9 +75,9 @@ def test_gpu_session_script_runs_every_step(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), str(tmp_path), "300"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("   exit 0 after") == 6, run.stdout
+    assert run.stdout.count("   exit 0 after") == 7, run.stdout
     results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert set(results) == {"profile", "loss", "profile-compiled", "profile-compiled-b16", "moe", "memory"}
+    assert set(results) == {"profile", "loss", "profile-compiled", "profile-compiled-b16", "routing", "moe", "memory"}
     profile = results["profile"]
     assert profile["tokens_per_s"] > 0 and 0 < profile["busy_fraction"] <= 1.0
     assert abs(sum(profile["groups"].values()) - profile["busy_s_per_step"]) < 1e-9
@@ -68,3 +85,18 @@ def test_gpu_session_script_runs_every_step(tmp_path):
     assert results["profile-compiled-b16"]["meta"]["batch"] == 16
     assert any(row["compile"] for row in results["memory"]["rows"])
     assert [r["name"] for r in results["loss"]["rows"]][-1] == "chunked, fused, compiled"
+
+
+def test_mfu_counts_the_routing_pass_only_when_there_is_one():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_memory import mfu, routed_fraction
+        from bench_moe import make_batch
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from conftest import make_moe
+
+    batch = make_batch(256, 2, 16, torch.device("cpu"))  # first half of each row is the prompt
+    assert routed_fraction(make_moe(router_input="base_hidden"), batch) == 0.5
+    assert routed_fraction(make_moe(router_input="embeddings"), batch) == 0.0
+    assert mfu(1000, 2e9, 0.5) / mfu(1000, 2e9) == 1.25  # 4N + 2N per routed token

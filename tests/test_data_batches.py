@@ -8,6 +8,7 @@ from conftest import make_moe, randomize_experts
 
 from dylora_moe.data import (DataCollator, DataConfig, PackingCollator, build_datasets, build_demo_tokenizer,
                              load_examples, tokenize_examples)
+from dylora_moe.model.router import packed_prefixes
 
 DEMO = [{"name": "demo", "family": "numbers"}, {"name": "demo", "family": "strings"}]
 
@@ -157,6 +158,35 @@ def test_packed_examples_neither_attend_nor_route_across(arch, router_input):
             torch.testing.assert_close(got.routing_weights[r, s], want.routing_weights[example, 0], atol=1e-6, rtol=0)
             example += 1
     torch.testing.assert_close(got.lm_loss, want.lm_loss, atol=1e-5, rtol=0)
+
+
+def test_packed_prefixes_keep_each_segment_up_to_its_last_prompt_token():
+    # row 0: segment 0 (prompt 2 of 4), segment 1 (no prompt token), segment 2 (prompt
+    # tokens 0 and 2 only, so token 1 is kept for them), padding; row 1: one segment.
+    segment_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 2, 2, -1],
+                                [0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1]])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0],
+                              [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]])
+    prompt = torch.tensor([[1, 1, 0, 0, 0, 0, 1, 0, 1, 0, 0],
+                           [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    order, valid, pos = packed_prefixes(prompt, segment_ids, positions)
+    assert order[0].tolist() == [0, 1, 6, 7, 8]
+    assert order[1, :1].tolist() == [0]
+    assert valid.tolist() == [[True] * 5, [True] + [False] * 4]
+    assert pos.tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 2, 3]]  # the tail restarts at 0
+
+
+def test_packed_routing_pass_runs_on_the_prompts_only():
+    """The no-grad base_hidden pass of packed rows sees each example's prompt, not the
+    whole row (answers and padding are most of it), and routes exactly as before."""
+    moe = make_moe("gemma", num_experts=3, router_input="base_hidden")
+    seen = []
+    layer = next(iter(moe.experts.values())).base_layer
+    layer.register_forward_hook(lambda m, args, out: seen.append((torch.is_grad_enabled(), args[0].shape[:2])))
+    moe.train()
+    packed = PackingCollator(0, 16)(rows_of([(7, 3), (5, 2), (9, 4), (6, 3)]))
+    moe(**packed).loss.backward()
+    assert seen == [(False, (2, 7)), (True, (2, 15))]  # prompts 3+2 and 4+3 of rows 7+5 and 9+6
 
 
 def test_packed_training_step_runs_with_gradients():

@@ -32,8 +32,8 @@ from .layer import GateSlot
 from .loss import IGNORE_INDEX, auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
 from .peft_io import export_expert
 from .quantized import keep_trainable_through
-from .router import (OPTIONAL_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean, segment_mean,
-                     segment_validity)
+from .router import (OPTIONAL_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
+                     packed_prefixes, segment_mean, segment_validity)
 
 CONFIG_FILE = "moe_config.json"
 WEIGHTS_FILE = "experts.safetensors"
@@ -205,14 +205,24 @@ class DyLoRAMoE(nn.Module):
             units = input_ids.shape[1]
         if self._gate_override is not None:
             return self._gate_override.to(input_ids.device).expand(input_ids.shape[0], units, -1)
+        if self.config.routing == "sequence" and segment_ids is not None:
+            return self.router(self.packed_routing_features(input_ids, unit_mask, position_ids, segment_ids, units))
         features = self.routing_features(input_ids, attention_mask, unit_mask, position_ids, cache,
                                          truncate=segment_ids is None)
         if self.config.routing == "sequence":
-            if segment_ids is None:
-                features = masked_mean(features, unit_mask[:, : features.shape[1]])
-            else:
-                features = segment_mean(features, unit_mask, segment_ids, units)
+            features = masked_mean(features, unit_mask[:, : features.shape[1]])
         return self.router(features)
+
+    def packed_routing_features(self, input_ids, unit_mask, position_ids, segment_ids, units):
+        """Pooled features (B, S, H) of each packed segment. The base_hidden pass runs on
+        the segments' prompts only (packed_prefixes), not on the whole rows."""
+        if self.config.router_input == "base_hidden":
+            order, valid, position_ids = packed_prefixes(unit_mask, segment_ids, position_ids)
+            input_ids = input_ids.gather(1, order)
+            unit_mask = unit_mask.gather(1, order) & valid
+            segment_ids = torch.where(valid, segment_ids.gather(1, order), -1)
+        features = self.routing_features(input_ids, None, unit_mask, position_ids, truncate=False)
+        return segment_mean(features, unit_mask, segment_ids, units)
 
     def routing_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None, truncate=True):
         if self.config.router_input == "embeddings":
@@ -427,8 +437,9 @@ class DyLoRAMoE(nn.Module):
     def compile_base(self, compile_loss: Optional[bool] = None, **compile_kwargs) -> int:
         """torch.compile each decoder block of the base (experts included: they live
         inside the blocks), in place. Per block rather than the whole model: the blocks
-        are identical, so one compiled graph serves them all, and the routing pass and the
-        LM head stay eager. Shapes vary batch to batch, hence dynamic=True.
+        are identical, so one compiled graph serves them all (the no-grad routing pass
+        gets its own), and the embeddings and the LM head stay eager. Shapes vary batch
+        to batch, and the routing pass is shorter than the rows, hence dynamic=True.
 
         `compile_loss` also compiles the chunked loss's per-chunk softmax (model/loss.py).
         Default: only on a GPU. On CPU the compiled softmax measured 18% slower than the

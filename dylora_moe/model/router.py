@@ -98,6 +98,29 @@ def segment_mean(features: torch.Tensor, mask: torch.Tensor, segment_ids: torch.
     return sums / counts.clamp_min(1.0).unsqueeze(-1)
 
 
+def packed_prefixes(unit_mask: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor):
+    """The tokens a packed row's routing pass needs: each segment's tokens up to its last
+    pooled one, moved to the front of the row in order (a causal model's hidden state
+    there depends on nothing later, so the answers can go). Returns the positions kept
+    (B, W), a validity mask (B, W) and position_ids (B, W) for the compacted rows, whose
+    tail restarts at 0 so that, like the collator's padding, it is a sequence of its own.
+    With Alpaca-style prompts at ~60% of the tokens this drops ~40% of the pass."""
+    batch, width = segment_ids.shape
+    cols = torch.arange(width, device=segment_ids.device).expand(batch, width)
+    segment = segment_ids.clamp_min(0)
+    pooled = unit_mask.bool() & (segment_ids >= 0)
+    last = torch.full((batch, int(segment_ids.max()) + 1), -1, device=cols.device).scatter_reduce(
+        1, segment, torch.where(pooled, cols, -1), "amax")
+    keep = (segment_ids >= 0) & (cols <= last.gather(1, segment))
+    counts = keep.sum(dim=1, keepdim=True)
+    kept = max(int(counts.max()), 1)
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :kept]
+    slot = torch.arange(kept, device=cols.device).expand(batch, kept)
+    valid = slot < counts
+    positions = torch.where(valid, position_ids.gather(1, order), slot - counts)
+    return order, valid, positions
+
+
 def expand_segments(gates: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
     """Per-segment gates (B, S, E) -> per-token gates (B, T, E); padding gets zeros (base only)."""
     index = segment_ids.clamp_min(0).unsqueeze(-1).expand(-1, -1, gates.shape[-1])
