@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
 from dylora_moe.model.loss import auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
+from dylora_moe.plan import measured_cpu_peak
 
 SHAPES = {
     "tiny": dict(rows=2, seq=64, hidden=32, vocab=4096, chunk=32),      # smoke test
@@ -103,21 +103,15 @@ def run_once(fn, hidden, weight, labels, chunk, device, autocast):
 
 
 def cpu_peak(fn, hidden, weight, labels, chunk, autocast) -> int:
-    """Peak bytes of torch's CPU allocations during one forward + backward (the
-    profiler's memory events, in time order)."""
+    """Peak bytes of torch's CPU allocations during one forward + backward."""
     hidden.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def step():
         with autocast():
             loss = fn(hidden, weight, labels, chunk)
         loss.backward()
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
+
+    return measured_cpu_peak(step)
 
 
 def main(argv=None):

@@ -577,6 +577,24 @@ def logits_label(shape: ModelShape, step: Step) -> str:
     return "logits + loss (plain: logits, fp32 log-probs + grads)"
 
 
+def measured_cpu_peak(fn) -> int:
+    """Peak bytes of torch's CPU allocations while fn runs, from the profiler's memory
+    events (every allocation and free, in time order); tracemalloc does not see torch.
+    What the estimates are checked against on CPU (tests/test_plan.py, bench/)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
 # ---------------------------------------------------------------------------- fit
 @dataclass
 class Fit:

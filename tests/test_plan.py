@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from dylora_moe import DyLoRAMoE, plan
 from dylora_moe.model.tiny import random_causal_lm, tiny_config
@@ -14,20 +13,6 @@ RECIPE = "configs/codegemma-2b.yaml"
 # Small enough for a CPU, shaped so that activations and logits dominate the peak.
 SHAPE = dict(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512)
 BATCH, SEQ = 8, 256
-
-
-def measured_peak(fn) -> int:
-    """Peak bytes of torch's CPU allocations while fn runs, from the profiler's memory
-    events (every allocation and free, in time order); tracemalloc does not see torch."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def padded_batch(vocab: int, prompt: int = 16) -> dict:
@@ -78,7 +63,7 @@ def test_estimate_matches_measured_peak_of_a_training_step(arch, kv_heads, overr
     shape = plan.model_shape(hf_config, cfg.moe)
     estimate = plan.estimate(shape, plan.step_of(cfg, device="cpu"), plan.Strategy("cpu", "single"))
 
-    measured = measured_peak(lambda: train_steps(hf_config, cfg, padded_batch(SHAPE["vocab_size"])))
+    measured = plan.measured_cpu_peak(lambda: train_steps(hf_config, cfg, padded_batch(SHAPE["vocab_size"])))
 
     dynamic = sum(c.bytes for c in estimate.components if c.in_peak and c.key in ("activations", "logits", "backward"))
     assert dynamic > 0.8 * estimate.peak_bytes  # the formulas under test carry the peak
