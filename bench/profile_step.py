@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_memory import _count_params, mfu, routed_fraction
+from bench_memory import PEAK_BF16_TFLOPS, _count_params, mfu, routed_fraction
 from bench_moe import SHAPES, _device_name, make_batch, timed_step
 from dylora_moe import DyLoRAMoE, MoEConfig
 from dylora_moe.model.tiny import random_causal_lm
@@ -87,6 +87,23 @@ def self_times(prof, device) -> dict[str, float]:
     return times
 
 
+def executed_flops(moe, data, autocast) -> dict[str, int]:
+    """FLOPs one forward + backward really executes, by aten op (torch's FlopCounterMode:
+    matmuls, and attention where torch registers the kernel: the CUDA ones, not the CPU
+    flash path). Against the 4N per token that MFU credits, this shows how much of the
+    gap to the peak is extra work (the routing pass, attention, LoRA) rather than idle or
+    slow kernels. No optimizer step: AdamW's elementwise work is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # one block: entering it again resets the counts
+        with autocast():
+            loss = moe(**data).loss
+        loss.backward()
+    moe.zero_grad(set_to_none=True)
+    return {str(op).split(".")[-1] if "." in str(op) else str(op): n
+            for op, n in counter.get_flop_counts()["Global"].items()}
+
+
 def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse_args(argv)
@@ -121,6 +138,8 @@ def main(argv=None):
     for name, seconds in times.items():
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + seconds
     tokens_per_s, params = batch * seq / step_s, _count_params(config)
+    flops = executed_flops(moe, data, autocast)
+    flops_per_step = sum(flops.values())
     result = dict(
         meta=dict(shape=args.shape, batch=batch, seq=seq, experts=args.experts, router_input=args.router_input,
                   loss_chunk_tokens=moe._loss_chunk_tokens(), checkpointing=args.checkpointing,
@@ -130,6 +149,9 @@ def main(argv=None):
         # Profiling itself slows a step down a little; bench_memory gives the clean figure.
         mfu=mfu(params, tokens_per_s) if device.type == "cuda" else None,
         mfu_with_routing_pass=mfu(params, tokens_per_s, routed_fraction(moe, data)) if device.type == "cuda" else None,
+        executed_flops_by_op=flops, executed_vs_4n=flops_per_step / (4 * params * batch * seq),
+        # hardware FLOPs utilisation: what really ran (forward and backward), over the peak
+        hfu=flops_per_step / step_s / (PEAK_BF16_TFLOPS * 1e12) if device.type == "cuda" else None,
         busy_s_per_step=busy / args.steps, busy_fraction=busy / sum(walls),
         groups={g: s / args.steps for g, s in sorted(groups.items(), key=lambda kv: -kv[1])},
         top=[dict(name=n[:160], group=group_of(n), s_per_step=s / args.steps)
@@ -154,6 +176,10 @@ def report(result):
             mfu_text += f", {result['mfu_with_routing_pass'] * 100:.1f}% with the routing pass"
     print(f"step {result['step_s'] * 1e3:.1f} ms ({result['tokens_per_s']:.0f} tok/s{mfu_text}); "
           f"kernels/ops busy {result['busy_fraction'] * 100:.0f}% of it")
+    hfu = f"; HFU {result['hfu'] * 100:.1f}%" if result["hfu"] is not None else ""
+    by_op = ", ".join(f"{op} {n / 1e9:.1f}" for op, n in sorted(result["executed_flops_by_op"].items(),
+                                                                 key=lambda kv: -kv[1]))
+    print(f"executed FLOPs: {result['executed_vs_4n']:.3f}x the 4N that MFU credits{hfu} (GFLOP by op: {by_op})")
     busy = result["busy_s_per_step"]
     for group, seconds in result["groups"].items():
         print(f"  {group:<30}{seconds * 1e3:9.2f} ms  {seconds / busy * 100:5.1f}%")

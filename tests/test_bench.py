@@ -100,3 +100,29 @@ def test_mfu_counts_the_routing_pass_only_when_there_is_one():
     assert routed_fraction(make_moe(router_input="base_hidden"), batch) == 0.5
     assert routed_fraction(make_moe(router_input="embeddings"), batch) == 0.0
     assert mfu(1000, 2e9, 0.5) / mfu(1000, 2e9) == 1.25  # 4N + 2N per routed token
+
+
+def test_executed_flops_count_the_routing_pass():
+    """profile_step's FLOP count: 4N per token plus, with router_input=base_hidden, the
+    routing pass's 2 x (N minus the embeddings) over the prompt half."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_moe import make_batch
+        from profile_step import executed_flops
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from conftest import make_moe
+
+    batch = make_batch(256, 2, 16, torch.device("cpu"))
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    counts = {}
+    for router_input in ("embeddings", "base_hidden"):
+        moe = make_moe(router_input=router_input, num_experts=4)
+        counts[router_input] = sum(executed_flops(moe, batch, no_autocast).values())
+    base = moe.base_model
+    n = sum(p.numel() for p in base.parameters() if not p.requires_grad)  # the frozen base, no experts
+    body = n - base.get_input_embeddings().weight.numel()
+    tokens = batch["input_ids"].numel()
+    assert counts["embeddings"] > 0.9 * 4 * n * tokens  # the base's 4N, plus experts that are large at this size
+    extra = counts["base_hidden"] - counts["embeddings"]
+    assert abs(extra / (2 * body * tokens / 2) - 1) < 0.05
