@@ -118,13 +118,16 @@ def main(argv=None):
                                     router_input=args.router_input, loss_chunk_tokens=args.loss_chunk_tokens))
     if args.checkpointing:
         moe.gradient_checkpointing_enable()
-    if args.compile:
-        moe.compile_base()
     moe.train()
-    opt = torch.optim.AdamW(moe.trainable_parameters(), lr=1e-4)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == torch.bfloat16 \
         else (lambda: torch.autocast(device.type, enabled=False))
     data = make_batch(config.vocab_size, batch, seq, device)
+    # Counted eager, before compiling: the same FLOPs, and a dispatch mode around compiled
+    # blocks would either miss their kernels or force a recompile.
+    flops = executed_flops(moe, data, autocast)
+    if args.compile:
+        moe.compile_base()
+    opt = torch.optim.AdamW(moe.trainable_parameters(), lr=1e-4)
     for _ in range(args.warmup):
         timed_step(moe, data, opt, device, autocast)
 
@@ -138,7 +141,6 @@ def main(argv=None):
     for name, seconds in times.items():
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + seconds
     tokens_per_s, params = batch * seq / step_s, _count_params(config)
-    flops = executed_flops(moe, data, autocast)
     flops_per_step = sum(flops.values())
     result = dict(
         meta=dict(shape=args.shape, batch=batch, seq=seq, experts=args.experts, router_input=args.router_input,
