@@ -46,7 +46,7 @@ step profile-compiled 150 profile_step.py --shape "$shape" --compile --out "$out
 step profile-compiled-b16 120 profile_step.py --shape "$shape" --compile --batch 16 \
     --out "$out/profile-compiled-b16.json"
 # 3. What the base_hidden routing pass costs on padded and packed instruction-like rows.
-step routing 90 bench_routing.py --shape "$shape" --examples 32 --rounds 2 --out "$out/routing.json"
+step routing 90 bench_routing.py --shape "$shape" --examples 16 --rounds 2 --out "$out/routing.json"
 # 4. The README's tables: stacked experts vs PEFT and the loop; the memory settings.
 step moe 200 bench_moe.py --shape "$shape" --experts 1,4,8 --skip_logits_above 4 --steps 3 \
     --out "$out/moe.json"
