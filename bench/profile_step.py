@@ -100,8 +100,7 @@ def executed_flops(moe, data, autocast) -> dict[str, int]:
             loss = moe(**data).loss
         loss.backward()
     moe.zero_grad(set_to_none=True)
-    return {str(op).split(".")[-1] if "." in str(op) else str(op): n
-            for op, n in counter.get_flop_counts()["Global"].items()}
+    return {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
 
 
 def main(argv=None):
