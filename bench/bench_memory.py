@@ -191,13 +191,13 @@ def measure(base, s, args, config, device, autocast):
     moe.train()
     opt = torch.optim.AdamW(moe.trainable_parameters(), lr=1e-4)
     try:
-        step_peak(moe, make_batch(vocab, batch, seq, device), device, autocast, 1, opt)  # warm-up
-        seconds, peak = step_peak(moe, make_batch(vocab, batch, seq, device), device, autocast, args.steps, opt)
+        data = make_batch(vocab, batch, seq, device)  # seeded: the same rows every setting
+        step_peak(moe, data, device, autocast, 1, opt)  # warm-up
+        seconds, peak = step_peak(moe, data, device, autocast, args.steps, opt)
         row = dict(s, batch=batch, seq=seq, step_s=seconds, tokens_per_s=batch * seq / seconds, peak_gib=peak)
         if device.type == "cuda":
             row["mfu"] = mfu(args.base_params, row["tokens_per_s"])
-            row["mfu_with_routing_pass"] = mfu(args.base_params, row["tokens_per_s"],
-                                               routed_fraction(moe, make_batch(vocab, batch, seq, device)))
+            row["mfu_with_routing_pass"] = mfu(args.base_params, row["tokens_per_s"], routed_fraction(moe, data))
             _, peak1 = step_peak(moe, make_batch(vocab, 1, seq, device), device, autocast, 1, opt)
             for budget in BUDGETS_GIB:
                 row[f"max_batch_{budget}gb"] = largest_batch(moe, vocab, seq, device, autocast, opt,
