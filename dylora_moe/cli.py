@@ -4,53 +4,53 @@
     dylora-moe plan --config configs/codegemma-2b.yaml [--field value ...] [--gpu L4] [--json]
     dylora-moe prune RUN --threshold 0.02 [--output DIR]
     dylora-moe submit vertex --project P --region R --image URI --base_output_dir gs://B/run [--dry-run]
+
+Every command shares one error path (dylora_moe/errors.py): a mistake the user can fix
+is one line and exit 2, Ctrl-C is exit 130, a bug keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+from .errors import guarded
+
+# name -> (words on the command line, "module:function", help). Imported on use: `train`
+# must not pay for the evaluation stack, nor `plan` for the training loop.
+COMMANDS = {
+    "train": (("train",), "dylora_moe.train.cli:main",
+              "train from a recipe (configs/*.yaml); any field can be overridden"),
+    "generate": (("generate",), "dylora_moe.eval.generate:main",
+                 "generate from a trained run: RUN --prompt ... [--expert i|--uniform|--base]"),
+    "eval": (("eval",), "dylora_moe.eval.functional:main",
+             "loss per source and pass@k (MBPP, HumanEval, demo) of a run; --compare"),
+    "report": (("report",), "dylora_moe.eval.report:main",
+               "routing report of a run: plots and a markdown summary"),
+    "plan": (("plan",), "dylora_moe.plan:main",
+             "peak GPU memory of a recipe per component, and which GPU / accelerate config fits"),
+    "prune": (("prune",), "dylora_moe.eval.prune:main",
+              "drop experts nobody routes to: RUN --threshold 0.02 [--output DIR]"),
+    "submit": (("submit", "vertex"), "launch.vertex:main",
+               "submit vertex ...: run a recipe as a Vertex AI CustomJob (--dry-run prints it)"),
+}
+
+
+def resolve(target: str):
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # the training job has its own parser: recipe + any --field value
-        from .train.cli import main as train_main
-
-        return train_main(argv[1:])
-    if argv[:1] == ["generate"]:
-        from .eval.generate import main as generate_main
-
-        return generate_main(argv[1:])
-    if argv[:1] == ["eval"]:
-        from .eval.functional import main as eval_main
-
-        return eval_main(argv[1:])
-    if argv[:1] == ["report"]:
-        from .eval.report import main as report_main
-
-        return report_main(argv[1:])
-    if argv[:1] == ["plan"]:
-        from .plan import main as plan_main
-
-        return plan_main(argv[1:])
-    if argv[:1] == ["prune"]:
-        from .eval.prune import main as prune_main
-
-        return prune_main(argv[1:])
-    if argv[:2] == ["submit", "vertex"]:  # the Vertex AI submitter (code in launch/)
-        from launch.vertex import main as vertex_main
-
-        return vertex_main(argv[2:])
+    for words, target, _ in COMMANDS.values():
+        if tuple(argv[:len(words)]) == words:
+            return guarded(lambda rest: resolve(target)(rest), argv[len(words):])
     parser = argparse.ArgumentParser(prog="dylora-moe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", help="train from a recipe (configs/*.yaml); any field can be overridden")
-    commands.add_parser("generate", help="generate from a trained run: RUN --prompt ... [--expert i|--uniform|--base]")
-    commands.add_parser("eval", help="loss per source and pass@k (MBPP, HumanEval, demo) of a run; --compare")
-    commands.add_parser("report", help="routing report of a run: plots and a markdown summary")
-    commands.add_parser("plan", help="peak GPU memory of a recipe per component, and which GPU / accelerate config fits")
-    commands.add_parser("prune", help="drop experts nobody routes to: RUN --threshold 0.02 [--output DIR]")
-    commands.add_parser("submit", help="submit vertex ...: run a recipe as a Vertex AI CustomJob (--dry-run prints it)")
+    for name, (_, _, text) in COMMANDS.items():
+        commands.add_parser(name, help=text)
     parser.parse_args(argv)
     return 0
 

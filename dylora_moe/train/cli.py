@@ -4,10 +4,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
+
+from ..errors import guarded
 
 
 def main(argv=None) -> int:
+    """Both `dylora-moe train` and `accelerate launch -m dylora_moe.train` land here, so
+    both get the one error path (errors.guarded)."""
+    return guarded(_main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="dylora-moe train", description="Train a DyLoRA-MoE mixture from a YAML recipe.",
         epilog="Any recipe field can be overridden: --num_experts 6 --bf16 --learning_rate 1e-4 "
@@ -16,11 +23,7 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     from .config import load_recipe
 
-    try:
-        cfg = load_recipe(args.config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_recipe(args.config, overrides, require_base=True)
     warn_if_plan_exceeds_gpu(cfg)
     from .loop import Preempted, train
 
@@ -28,9 +31,6 @@ def main(argv=None) -> int:
         train(cfg)
     except Preempted as e:
         return e.code
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 
