@@ -50,7 +50,7 @@ def test_overrides_accept_equals_sections_and_lists():
     (["--top_k", "9"], "MoEConfig.top_k=9: expected an integer in [1, num_experts=4]"),
     (["--num_experts", "0"], "MoEConfig.num_experts=0"),
     (["--nope", "1"], "unknown option --nope"),
-    (["--learning_rate", "fast"], "train.learning_rate='fast': expected float"),
+    (["--learning_rate", "fast"], "train.learning_rate='fast': expected a finite number"),
     (["--lr_scheduler", "cyclic"], "train.lr_scheduler='cyclic'"),
     (["--mbpp_split", "paper"], "data.mbpp_split='paper'"),
     (["--optimizer", "sgd"], "train.optimizer='sgd': expected one of ['adamw', 'adamw_8bit', 'paged_adamw_8bit']"),

@@ -55,6 +55,7 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
         need(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an integer >= 1")
+        need(self.num_experts <= 1024, "num_experts", "at most 1024 (every target layer stacks them all)")
         need(_is_int(self.lora_r) and self.lora_r >= 1, "lora_r", "an integer >= 1")
         need(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k",
              f"an integer in [1, num_experts={self.num_experts}]")

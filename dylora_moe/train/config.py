@@ -4,12 +4,15 @@
 
 Every field of every section can be overridden on the command line as `--field value`
 (or `--section.field value` where a name is ambiguous). Values parse as YAML, then are
-coerced to the field's type, so `--learning_rate 1e-4` and `--bf16` (no value = true)
-both work. The seed project's flag names are fields here and keep their meaning.
+coerced to the field's type (fieldtypes.py), so `--learning_rate 1e-4` and `--bf16` (no
+value = true) both work, and `--learning_rate` alone is an error. The seed project's flag
+names are fields here and keep their meaning. Options that contradict each other are
+refused here too (`check_consistent`), before anything is read or loaded.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +22,15 @@ from typing import Optional
 import yaml
 
 from ..data import DataConfig
+from ..fieldtypes import BARE, check_fields
+from ..fieldtypes import coerce as coerce_value
 from ..model import MoEConfig
+from ..model.tiny import ARCHITECTURES, TINY_PREFIX, tiny_config
+
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding (accelerate.set_seed) accepts
+# A tiny random base is for demos and tests: bigger is a typo, and would allocate
+# (and write to the run dir) a model of that size before anything else failed.
+TINY_MAX_PARAMETERS = 2 * 10**9
 
 
 @dataclass
@@ -40,14 +51,59 @@ class ModelConfig:
     compile: bool = False                 # torch.compile each decoder layer of the base (off by default)
 
     def __post_init__(self):
+        check_fields(self, "model")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("model.load_in_4bit and model.load_in_8bit: expected at most one of them")
         if not isinstance(self.base_model, str) or not self.base_model:
             raise ValueError(f"model.base_model={self.base_model!r}: expected a hub id, a path or tiny-random:<arch>")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"model.dtype={self.dtype!r}: expected one of ['auto', 'bfloat16', 'float32']")
-        if self.tokenizer == "demo" and not self.base_model.startswith("tiny-random:"):
+        if self.tokenizer == "demo" and not self.base_model.startswith(TINY_PREFIX):
             raise ValueError("model.tokenizer='demo' only fits a tiny-random base (its vocabulary is built for it)")
+        check_tiny(self.base_model, self.tiny)
+
+
+def tiny_fields() -> dict:
+    """The `tiny` keys a recipe may set (tiny_config's size arguments) and their defaults."""
+    params = inspect.signature(tiny_config).parameters
+    return {name: p.default for name, p in params.items() if name not in ("arch", "vocab_size")}
+
+
+def check_tiny(base_model: str, tiny: dict) -> None:
+    """Keys and sizes of a tiny random base, checked before any data is read."""
+    if not base_model.startswith(TINY_PREFIX):
+        if tiny:
+            raise ValueError(f"model.tiny={tiny!r}: only used with base_model: {TINY_PREFIX}<arch> "
+                             f"(this recipe loads {base_model!r}); remove it")
+        return
+    arch = base_model[len(TINY_PREFIX):]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.base_model={base_model!r}: unknown tiny-random architecture {arch!r}; expected "
+                         f"one of {[TINY_PREFIX + a for a in ARCHITECTURES]}")
+    known = tiny_fields()
+    unknown = sorted(map(str, set(tiny) - set(known)))
+    if unknown:
+        raise ValueError(f"model.tiny: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    shape = {**known, **tiny}
+    for name, value in shape.items():
+        if name == "initializer_range":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"model.tiny.initializer_range={value!r}: expected a number > 0")
+        elif not (name == "head_dim" and value is None):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.tiny.{name}={value!r}: expected an integer >= 1")
+    if shape["head_dim"] is None and shape["hidden_size"] % shape["num_heads"]:
+        raise ValueError(f"model.tiny.hidden_size={shape['hidden_size']}: expected a multiple of "
+                         f"num_heads={shape['num_heads']} (or set head_dim)")
+    if shape["num_heads"] % shape["num_kv_heads"]:
+        raise ValueError(f"model.tiny.num_kv_heads={shape['num_kv_heads']}: expected a divisor of "
+                         f"num_heads={shape['num_heads']}")
+    h, inner, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"]
+    head = shape["head_dim"] or h // shape["num_heads"]
+    per_layer = 2 * h * head * (shape["num_heads"] + shape["num_kv_heads"]) + 3 * h * inner
+    if layers * per_layer + shape["max_positions"] * h > TINY_MAX_PARAMETERS:
+        raise ValueError(f"model.tiny={tiny!r}: about {layers * per_layer / 1e9:.1f}e9 parameters; a tiny random "
+                         f"base is for demos and tests (at most {TINY_MAX_PARAMETERS / 1e9:.0f}e9)")
 
 
 @dataclass
@@ -89,6 +145,13 @@ class TrainConfig:
     max_experts: int = 8                  # novelty growth stops at this many experts
 
     def __post_init__(self):
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with] if self.log_with else []
+        check_fields(self, "train")
+        if not self.output_dir.strip() or "\x00" in self.output_dir:
+            raise ValueError(f"train.output_dir={self.output_dir!r}: expected a directory path")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"train.seed={self.seed}: expected an integer in [0, 2**32 - 1]")
         positive = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "keep_last",
                     "max_consecutive_nonfinite")
         for name in positive:
@@ -106,6 +169,8 @@ class TrainConfig:
         for name in ("weight_decay", "max_grad_norm", "warmup_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: expected a number >= 0")
+        if self.warmup_ratio > 1:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio!r}: expected a fraction in [0, 1]")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ValueError(f"train.adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}): expected in [0, 1)")
         optimizers = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -121,10 +186,9 @@ class TrainConfig:
         for name in ("novelty_window", "max_experts"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 1")
-        if isinstance(self.log_with, str):
-            self.log_with = [self.log_with] if self.log_with else []
-        unknown = sorted(set(self.log_with) - {"wandb", "tensorboard"})
-        if unknown:
+        if self.max_experts > 1024:
+            raise ValueError(f"train.max_experts={self.max_experts}: expected at most 1024 (moe.num_experts' limit)")
+        if not all(isinstance(x, str) and x in ("wandb", "tensorboard") for x in self.log_with):
             raise ValueError(f"train.log_with={self.log_with!r}: expected some of ['wandb', 'tensorboard']")
 
 
@@ -145,45 +209,96 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def load_recipe(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
-    """Read a recipe, apply `--key value` overrides, validate every section."""
-    raw = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: recipe not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: invalid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{p}: expected a mapping of sections {list(SECTIONS)}")
-        unknown = sorted(set(raw) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"{p}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
-    sections = {name: dict(raw.get(name) or {}) for name in SECTIONS}
+def load_recipe(path: Optional[str], overrides: list[str] = (), require_base: bool = False) -> RunConfig:
+    """Read a recipe, apply `--key value` overrides, validate every section.
+
+    require_base: refuse a recipe (or none at all) that does not name model.base_model,
+    instead of quietly training the default (a multi-GB hub download)."""
+    raw = read_recipe(path) if path else {}
+    where = path or "command line"
+    sections = {}
+    for name in SECTIONS:
+        values = raw.get(name)
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"{where}: section {name!r} must be a mapping of field: value, got "
+                             f"{type(values).__name__} {values!r}"[:300])
+        sections[name] = dict(values or {})
     for name, values in sections.items():
         known = {f.name for f in dataclasses.fields(SECTIONS[name])}
-        bad = sorted(set(values) - known)
+        bad = sorted(map(str, set(values) - known))
         if bad:
-            raise ValueError(f"{path}: unknown key(s) {[f'{name}.{k}' for k in bad]}")
+            raise ValueError(f"{where}: unknown key(s) {[f'{name}.{k}' for k in bad]}")
     for key, value in parse_overrides(overrides):
         section, name = resolve_key(key)
         sections[section][name] = value
+    if require_base and "base_model" not in sections["model"]:
+        raise ValueError(f"{'recipe ' + path if path else 'no --config given'}: model.base_model is not set, and "
+                         "training its default would download google/codegemma-2b; pass a recipe "
+                         "(--config configs/demo.yaml is the offline demo) or name the base "
+                         "(--base_model google/codegemma-2b)")
     built = {}
     for name, cls in SECTIONS.items():
         values = {k: coerce(cls, k, v, f"{name}.{k}") for k, v in sections[name].items()}
         built[name] = cls(**values)
-    return RunConfig(**built)
+    cfg = RunConfig(**built)
+    check_consistent(cfg)
+    return cfg
+
+
+def read_recipe(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory; expected a recipe YAML file")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: recipe not found")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{p}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save the recipe as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: invalid YAML (nested too deeply)") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: expected a mapping of sections {list(SECTIONS)}, got {type(raw).__name__}")
+    unknown = sorted(map(str, set(raw) - set(SECTIONS)))
+    if unknown:
+        raise ValueError(f"{p}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
+    return raw
+
+
+def check_consistent(cfg: RunConfig) -> None:
+    """Options that are each valid but cannot work together."""
+    t, moe, data = cfg.train, cfg.moe, cfg.data
+    if t.grow_on_novelty and t.max_experts < moe.num_experts:
+        raise ValueError(f"train.max_experts={t.max_experts} is below moe.num_experts={moe.num_experts}: novelty "
+                         "growth could never add an expert; raise max_experts or turn grow_on_novelty off")
+    if t.grow_init.startswith("copy:") and int(t.grow_init[5:]) >= moe.num_experts:
+        raise ValueError(f"train.grow_init={t.grow_init!r}: expected copy:<i> with i < moe.num_experts="
+                         f"{moe.num_experts}")
+    if t.early_stopping_patience and not t.eval_every:
+        raise ValueError(f"train.early_stopping_patience={t.early_stopping_patience} needs train.eval_every > 0 "
+                         "(with eval_every 0 the run evaluates only at its end, so it never stops early)")
+    if cfg.model.base_model == TINY_PREFIX + "gpt2":  # learned positions: a longer row is an IndexError
+        positions = {**tiny_fields(), **cfg.model.tiny}["max_positions"]
+        if data.max_seq_length > positions:
+            raise ValueError(f"data.max_seq_length={data.max_seq_length} exceeds the tiny base's positions "
+                             f"(model.tiny.max_positions={positions}); raise max_positions or lower max_seq_length")
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
-    """["--lr", "1e-4", "--bf16", "--x=3"] -> [("lr", "1e-4"), ("bf16", True), ("x", "3")]."""
+    """["--lr", "1e-4", "--bf16", "--x=3"] -> [("lr", "1e-4"), ("bf16", BARE), ("x", "3")]."""
     out, i = [], 0
     args = list(args)
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--"):
+        if not arg.startswith("--") or arg == "--":
             raise ValueError(f"command line: expected --key value, got {arg!r}")
         key = arg[2:]
         if "=" in key:
@@ -192,7 +307,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
             value = args[i + 1]
             i += 1
         else:
-            value = True  # a bare flag
+            value = BARE  # a flag without a value: true for a bool field, an error for any other
         out.append((key.replace("-", "_"), value))
         i += 1
     return out
@@ -215,29 +330,5 @@ def resolve_key(key: str) -> tuple[str, str]:
 
 
 def coerce(cls, name: str, value, where: str):
-    """A command-line or YAML value to the field's declared type (YAML reads 1e-4 as a
-    string, the command line gives strings for everything)."""
-    hint = typing.get_type_hints(cls)[name]
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is typing.Union and len(args) == 1:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        hint = args[0]
-    if isinstance(value, str) and hint is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"{where}={value!r}: not a valid value") from None
-    try:
-        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return float(value)
-        if hint is int and isinstance(value, str):
-            return int(value)
-        if hint is bool and isinstance(value, str):
-            return {"true": True, "false": False}[value.lower()]
-    except (ValueError, KeyError):
-        raise ValueError(f"{where}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
-    if hint is list and isinstance(value, (str, int, float)) and name != "sources":
-        return [value]
-    return value
+    """A command-line or YAML value to the field's declared type (fieldtypes.coerce)."""
+    return coerce_value(typing.get_type_hints(cls)[name], value, where)
