@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..fieldtypes import check_fields
+from .demo_tasks import FAMILIES
+
 SOURCE_NAMES = ("code_alpaca", "mbpp", "jsonl", "demo")
+MAX_DEMO_EXAMPLES = 100_000  # per family: ~1 s to generate; the families repeat long before that
+SEED_RANGE = (0, 2**32 - 1)
 
 
 @dataclass
@@ -19,9 +25,15 @@ class SourceConfig:
     def __post_init__(self):
         if self.name not in SOURCE_NAMES:
             raise ValueError(f"data.sources: unknown source {self.name!r}; known sources are {list(SOURCE_NAMES)}")
+        check_fields(self, f"data.sources[{self.name}]")
         if self.name == "jsonl" and not self.path:
             raise ValueError("data.sources: source 'jsonl' needs a path to a local .json/.jsonl file")
-        if not isinstance(self.weight, (int, float)) or self.weight <= 0:
+        if self.name == "demo" and self.path:
+            raise ValueError(f"data.sources[demo].path={self.path!r}: the demo source is generated, it reads no file")
+        if self.family is not None and (self.name != "demo" or self.family not in FAMILIES):
+            raise ValueError(f"data.sources[{self.name}].family={self.family!r}: only the demo source has families, "
+                             f"one of {list(FAMILIES)}")
+        if not isinstance(self.weight, (int, float)) or not 0 < self.weight < math.inf:
             raise ValueError(f"data.sources[{self.name}].weight={self.weight!r}: expected a number > 0")
         if self.label is None:
             self.label = f"{self.name}:{self.family}" if self.family else self.name
@@ -41,8 +53,13 @@ class DataConfig:
     packing: bool = False                 # several examples per row, no attention across them
     seed: int = 42
     demo_examples: int = 600              # per demo family
+    # A row of a local file bigger than this is skipped (and counted) before it is parsed:
+    # one huge row would otherwise take many GB in tokenization, only to be truncated.
+    max_row_bytes: int = 1_000_000
 
     def __post_init__(self):
+        if not isinstance(self.sources, list):
+            raise ValueError(f"data.sources={self.sources!r}: expected a list of sources")
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**_source_dict(s)) for s in self.sources]
         if not self.sources:
             raise ValueError("data.sources: expected at least one source")
@@ -58,8 +75,13 @@ class DataConfig:
                 raise ValueError(f"data.{name}={value!r}: expected a percentage in (0, 100]")
         if not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ValueError(f"data.max_seq_length={self.max_seq_length!r}: expected an integer >= 8")
-        if not isinstance(self.demo_examples, int) or self.demo_examples < 10:
-            raise ValueError(f"data.demo_examples={self.demo_examples!r}: expected an integer >= 10")
+        check_fields(self, "data")
+        if not 10 <= self.demo_examples <= MAX_DEMO_EXAMPLES:
+            raise ValueError(f"data.demo_examples={self.demo_examples!r}: expected an integer in [10, {MAX_DEMO_EXAMPLES}]")
+        if self.max_row_bytes < 1:
+            raise ValueError(f"data.max_row_bytes={self.max_row_bytes!r}: expected an integer >= 1")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"data.seed={self.seed}: expected an integer in [0, 2**32 - 1]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,9 +92,11 @@ def _source_dict(s) -> dict:
         return {"name": s}
     if isinstance(s, dict):
         known = {f.name for f in dataclasses.fields(SourceConfig)}
-        unknown = sorted(set(s) - known)
+        unknown = sorted(map(str, set(s) - known))
         if unknown:
             raise ValueError(f"data.sources: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        if "name" not in s:
+            raise ValueError(f"data.sources: {s!r} has no name; expected one of {list(SOURCE_NAMES)}")
         return s
     raise ValueError(f"data.sources: expected a source name or mapping, got {s!r}")
 

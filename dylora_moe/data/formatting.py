@@ -38,7 +38,7 @@ def alpaca_prompt(instruction: str, input_text: Optional[str] = None) -> str:
 
 def instruction_example(row: dict, source: str, row_id: str) -> Example:
     return Example(id=row_id, source=source, prompt=alpaca_prompt(row["instruction"], row.get("input")),
-                   answer=row["output"].strip(), tests=list(row.get("tests", [])), setup=row.get("setup", ""))
+                   answer=row["output"].strip(), tests=list(row.get("tests") or []), setup=row.get("setup") or "")
 
 
 def mbpp_instruction(text: str, tests: list) -> str:

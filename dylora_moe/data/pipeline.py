@@ -28,18 +28,52 @@ class DataBundle:
     stats: dict = field(default_factory=dict)       # {label: {split: Counter(kept, truncated, dropped)}}
 
 
-def load_examples(cfg: DataConfig) -> dict[str, dict[str, list[dict]]]:
+class Examples(dict):
+    """{source label: {split: examples}}, plus what each source's rows went through
+    (`loaded`: sources.Loaded) to say why a split came out empty."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loaded = {}
+
+
+def load_examples(cfg: DataConfig) -> Examples:
     """{source label: {split: examples}}, subsets applied. Reads every file, so a missing
-    file, an empty one or an unknown source fails here, before any model is loaded."""
-    out = {}
+    file, an empty one, an unknown source or one with nothing left to train on fails
+    here, before any model is loaded."""
+    out = Examples()
     for source in cfg.sources:
-        splits = load_source(source, cfg)
+        loaded = load_source(source, cfg)
+        out.loaded[source.label] = loaded
         out[source.label] = {
             name: subset(examples, cfg.training_subset if name == "train" else cfg.eval_subset, cfg.seed)
-            for name, examples in splits.items()
+            for name, examples in loaded.splits.items()
         }
         logger.info("source %s: %s", source.label, {k: len(v) for k, v in out[source.label].items()})
+    empty = [label for label, splits in out.items() if not splits.get("train")]
+    if len(empty) == len(out):
+        raise ValueError("data: no training examples left: " + "; ".join(why_no_train(out, label) for label in empty))
+    for label in empty:
+        logger.warning("data: source %s has no training examples (%s): it is only evaluated", label,
+                       why_no_train(out, label))
     return out
+
+
+def why_no_train(examples: dict, label: str) -> str:
+    """What happened to a source's rows on the way to an empty train split."""
+    loaded = getattr(examples, "loaded", {}).get(label)
+    sizes = ", ".join(f"{len(v)} {k}" for k, v in examples[label].items())
+    if loaded is None:
+        return f"{label}: {sizes}"
+    kept = loaded.rows - loaded.duplicates
+    duplicates = f", {loaded.duplicates} exact duplicate prompt(s) removed" if loaded.duplicates else ""
+    return (f"{label} ({loaded.origin}): {loaded.rows} usable row(s){duplicates}, {kept} distinct example(s) split "
+            f"{loaded.split_rule} into {sizes}")
+
+
+def why_dropped(cfg: DataConfig, counts) -> str:
+    return (f"all {counts['dropped']} train example(s) are longer than data.max_seq_length={cfg.max_seq_length} "
+            f"(data.overlong={cfg.overlong!r}; an example whose prompt alone is that long is dropped either way)")
 
 
 def build_datasets(cfg: DataConfig, tokenizer, examples=None) -> DataBundle:
@@ -65,8 +99,13 @@ def build_datasets(cfg: DataConfig, tokenizer, examples=None) -> DataBundle:
                 train_sets.append((source.weight, dataset))
             else:
                 getattr(bundle, split)[source.label] = dataset
+    dropped = {label: why_dropped(cfg, stats["train"]) for label, stats in bundle.stats.items()
+               if "train" in stats and stats["train"]["dropped"] and not stats["train"]["kept"]}
     if not train_sets:
-        raise ValueError("data: no training examples left after splitting, subsetting and max_seq_length")
+        reasons = "; ".join(f"{label}: {why}" for label, why in dropped.items()) or "every train split is empty"
+        raise ValueError(f"data: no training examples left after tokenizing: {reasons}")
+    for label, why in dropped.items():
+        logger.warning("data: source %s has no training examples left: %s", label, why)
     weights = [w for w, _ in train_sets]
     datasets = [d for _, d in train_sets]
     if len(datasets) == 1:

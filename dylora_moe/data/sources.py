@@ -8,10 +8,12 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .config import DataConfig, SourceConfig
 from .demo_tasks import FAMILIES, demo_rows
 from .formatting import Example, instruction_example, mbpp_example
-from .readers import read_rows, require_strings
+from .readers import optional_string_list, optional_strings, read_rows, require_strings
 from .splits import dedupe, fraction_split
 
 CODE_ALPACA_HUB = ("sahil280114/codealpaca", "data/code_alpaca_20k.json")
@@ -22,17 +24,31 @@ MBPP_RANDOM = {"train": 0.7, "validation": 0.1, "test": 0.2}
 MBPP_OFFICIAL = {"train": (601, 974), "validation": (511, 600), "test": (11, 510)}
 
 
-def load_source(source: SourceConfig, data: DataConfig) -> dict[str, list[Example]]:
-    """{split name: examples} for one configured source."""
+@dataclass
+class Loaded:
+    """One source's examples by split, and what became of its rows on the way there."""
+    splits: dict                # {split name: examples}
+    origin: str                 # the file, hub dataset or generator the rows came from
+    rows: int = 0               # usable rows read
+    duplicates: int = 0         # exact duplicate prompts removed
+    split_rule: str = ""        # how the rest was split, for messages
+
+
+def load_source(source: SourceConfig, data: DataConfig) -> Loaded:
+    """Examples by split for one configured source."""
     loaders = {"code_alpaca": _code_alpaca, "jsonl": _instruction_file, "mbpp": _mbpp, "demo": _demo}
     return loaders[source.name](source, data)
 
 
+def _split(examples: list, where: str, fractions: dict, seed: int) -> Loaded:
+    kept = dedupe(examples, where)
+    rule = "/".join(f"{round(f * 100)}" for f in fractions.values()) + " " + "/".join(fractions)
+    return Loaded(fraction_split(kept, fractions, seed), where, len(examples), len(examples) - len(kept), rule)
+
+
 def validate_instruction_row(row: dict):
-    reason = require_strings(row, ("instruction", "output"), non_empty=("instruction", "output"))
-    if reason is None and row.get("input") is not None and not isinstance(row["input"], str):
-        return f"field 'input' is {type(row['input']).__name__}, expected a string"
-    return reason
+    return (require_strings(row, ("instruction", "output"), non_empty=("instruction", "output"))
+            or optional_strings(row, ("input", "setup")) or optional_string_list(row, "tests"))
 
 
 def validate_mbpp_row(row: dict):
@@ -44,7 +60,7 @@ def validate_mbpp_row(row: dict):
     tests = row.get("test_list")
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
         return "'test_list' must be a non-empty list of strings"
-    return None
+    return optional_strings(row, ("test_setup_code",))
 
 
 def _code_alpaca(source, data):
@@ -58,18 +74,18 @@ def _code_alpaca(source, data):
 
 
 def _instruction_file(source, data):
-    rows, _ = read_rows(source.path, validate_instruction_row)
+    rows, _ = read_rows(source.path, validate_instruction_row, data.max_row_bytes)
     return _split_instructions(rows, source, data, source.path)
 
 
 def _split_instructions(rows, source, data, where):
     examples = [instruction_example(row, source.label, str(i)) for i, row in enumerate(rows)]
-    return fraction_split(dedupe(examples, where), TRAIN_VALIDATION, data.seed)
+    return _split(examples, str(where), TRAIN_VALIDATION, data.seed)
 
 
 def _mbpp(source, data):
     if source.path:
-        rows, _ = read_rows(source.path, validate_mbpp_row)
+        rows, _ = read_rows(source.path, validate_mbpp_row, data.max_row_bytes)
         where = source.path
     else:
         from datasets import concatenate_datasets, load_dataset
@@ -81,8 +97,10 @@ def _mbpp(source, data):
     examples = [mbpp_example(row, source.label) for row in sorted(rows, key=lambda r: r["task_id"])]
     if data.mbpp_split == "official":
         by_id = {int(ex["id"]): ex for ex in examples}
-        return {name: [by_id[i] for i in range(lo, hi + 1) if i in by_id] for name, (lo, hi) in MBPP_OFFICIAL.items()}
-    return fraction_split(dedupe(examples, str(where)), MBPP_RANDOM, data.seed)
+        splits = {name: [by_id[i] for i in range(lo, hi + 1) if i in by_id] for name, (lo, hi) in MBPP_OFFICIAL.items()}
+        rule = "official task_id ranges " + ", ".join(f"{n} {lo}-{hi}" for n, (lo, hi) in MBPP_OFFICIAL.items())
+        return Loaded(splits, str(where), len(examples), len(examples) - len(by_id), rule)
+    return _split(examples, str(where), MBPP_RANDOM, data.seed)
 
 
 def _demo(source, data):
@@ -91,7 +109,7 @@ def _demo(source, data):
     for family in families:
         rows = demo_rows(family, data.demo_examples, data.seed)
         examples += [instruction_example(row, source.label, f"{family}-{i}") for i, row in enumerate(rows)]
-    return fraction_split(dedupe(examples, f"demo:{','.join(families)}"), TRAIN_VALIDATION, data.seed)
+    return _split(examples, f"demo:{','.join(families)} (generated)", TRAIN_VALIDATION, data.seed)
 
 
 def _validated(rows, validate, where) -> list[dict]:
