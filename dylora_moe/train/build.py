@@ -59,6 +59,7 @@ def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
         # A random base is saved in the run so a resumed or evaluated run sees the same one.
         arch = name[len(TINY_PREFIX):]
         config = tiny_config(arch, vocab_size=len(tokenizer), **cfg.model.tiny)
+        check_saved_tiny_base(run_dir / "base_model", config, cfg.model.tiny)
         name = str(main_first(accelerator, run_dir / "base_model",
                               lambda p: random_causal_lm(config, seed=cfg.train.seed).save_pretrained(p)))
     bits = 4 if cfg.model.load_in_4bit else 8 if cfg.model.load_in_8bit else 0
@@ -71,6 +72,20 @@ def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {name} only {model.get_input_embeddings().num_embeddings}")
     return model
+
+
+def check_saved_tiny_base(path: Path, config, tiny: dict) -> None:
+    """A run dir's random base is reused as saved: refuse a recipe asking for another shape."""
+    if not (path / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    from .identity import config_sha256
+
+    if config_sha256(AutoConfig.from_pretrained(path)) != config_sha256(config):
+        raise ValueError(f"model.tiny={tiny!r}: {path} holds a tiny base of another architecture or shape (this "
+                         "run was started with other model settings); use the recipe it was started with, or "
+                         "another --output_dir")
 
 
 def build_moe(cfg, base) -> DyLoRAMoE:
@@ -132,8 +147,11 @@ def build_loaders(cfg, bundle, tokenizer):
     not draw from the global RNG, or dropout masks shift after a resume) and one eval
     loader per source."""
     t, d = cfg.train, cfg.data
+    # Evaluation scores the answers only, whatever the training objective (losses stay
+    # comparable across recipes); data.train_on_prompt decides the training labels.
     collate = DataCollator(tokenizer.pad_token_id)
-    train_collate = PackingCollator(tokenizer.pad_token_id, d.max_seq_length) if d.packing else collate
+    train_collate = (PackingCollator(tokenizer.pad_token_id, d.max_seq_length, train_on_prompt=d.train_on_prompt)
+                     if d.packing else DataCollator(tokenizer.pad_token_id, train_on_prompt=d.train_on_prompt))
     columns = ["input_ids", "prompt_len", "source_id"]
     train = DataLoader(bundle.train.select_columns(columns), batch_size=t.train_batch_size, shuffle=True,
                        collate_fn=train_collate, num_workers=t.dataloader_num_workers,

@@ -20,14 +20,16 @@ import torch
 
 from ..data import build_datasets, load_examples
 from ..data.collate import IGNORE_INDEX
-from . import build, growth
-from .checkpoint import CheckpointManager, adopt_run_assets, complete_checkpoints, resolve_resume
+from ..model.inject import find_targets
+from . import build, growth, identity, preflight
+from .checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume, share
 from .config import RunConfig
 from .evaluate import evaluate
 from .maturity import ExpertFreezer
 from .monitor import MetricsLog, RoutingStats, expert_grad_norms, save_usage_heatmap
 from .novelty import NoveltyMonitor
 from .preemption import EXIT_PREEMPTED, PreemptionFlag
+from .rundir import RunLock, check_output_dir, separate_attempts
 
 logger = logging.getLogger("dylora_moe.train")
 
@@ -63,38 +65,70 @@ class TrainState:
 
 
 class Preempted(SystemExit):
-    def __init__(self):
-        super().__init__(EXIT_PREEMPTED)
+    """Stopped by a signal after saving: SIGTERM (EXIT_PREEMPTED) or Ctrl-C (EXIT_INTERRUPTED)."""
+
+    def __init__(self, code: int = EXIT_PREEMPTED):
+        super().__init__(code)
 
 
 def train(cfg: RunConfig) -> dict:
+    lock, preemption = RunLock(Path(cfg.train.output_dir)), PreemptionFlag()
+    try:
+        return _train(cfg, lock, preemption)
+    finally:
+        preemption.uninstall()
+        lock.release()
+
+
+def _claim(run_dir: Path, lock: RunLock) -> str:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    return ""
+
+
+def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     t = cfg.train
     run_dir = Path(t.output_dir)
-    check_output_dir(run_dir, t.resume_from_checkpoint)
+    # Everything that can be checked without loading anything, before any data is read.
+    check_output_dir(run_dir, t.resume_from_checkpoint, probe_lock=int(os.environ.get("RANK", "0")) == 0)
+    preflight.check_recipe_environment(cfg)
     examples = load_examples(cfg.data)  # reads and validates every data file: fails before any heavy work
-    resume_from = resolve_resume(t.resume_from_checkpoint, run_dir / "checkpoints")
 
     accelerator = make_accelerator(cfg, run_dir)
     _configure_logging(accelerator)
     deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     build.check_optimizer(cfg, deepspeed)
+    preflight.check_deepspeed(accelerator)
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initialisation on every rank
+    share(accelerator, lambda: _claim(run_dir, lock))  # one run per output dir, before it is read or written
+    resume_from = share(accelerator, lambda: str(resolve_resume(t.resume_from_checkpoint, run_dir / "checkpoints")
+                                                 or ""))
+    resume_from = Path(resume_from) if resume_from else None
+    resumed_marker = read_marker(resume_from) if resume_from is not None else None
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / ("recipe.yaml" if resume_from is None else f"recipe-resume-{int(time.time())}.yaml"))
         if resume_from is not None:
             for name in adopt_run_assets(resume_from, run_dir):  # other ranks read them after main_first's barrier
                 logger.info("copied %s/ from the run that wrote %s", name, resume_from)
+        separate_attempts(run_dir / "metrics.jsonl", resumed_marker["step"] if resumed_marker else None)
     # Built as the checkpoint holds it (so it restores exactly), grown to the recipe's count afterwards.
     grow_on_resume = 0
     if resume_from is not None:
+        saved_moe = growth.saved_moe_config(resume_from)
         saved, grow_on_resume = growth.plan_resume(cfg, resume_from)
         cfg = dataclasses.replace(cfg, moe=saved)
     tokenizer = build.build_tokenizer(cfg, examples, run_dir, accelerator)
     bundle = build_datasets(cfg.data, tokenizer, examples)
-    moe = build.build_moe(cfg, build.build_base_model(cfg, tokenizer, run_dir, accelerator))
+    base = build.build_base_model(cfg, tokenizer, run_dir, accelerator)
+    if resume_from is not None:
+        identity.check_resume(resume_from, resumed_marker, cfg.model.base_model, base.config, saved_moe,
+                              cfg.moe.lora_r, find_targets(base, cfg.moe.target_modules))
+    # The experts' initial values must not depend on whether the base was built (random
+    # tiny bases draw from the RNG) or found on disk (a restart after a kill -9).
+    set_seed(t.seed)
+    moe = build.build_moe(cfg, base)
     cfg.moe = moe.config  # one object: growth updates the model's config, which the loop and portable copies read
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
 
@@ -137,12 +171,16 @@ def train(cfg: RunConfig) -> dict:
         metrics.log(growth.growth_record(state.step, moe, "resume", reason, report,
                                          {"from": before, "phase": state.phase}), state.step)
 
-    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", t.keep_last,
-                                    {"exclude_frozen_parameters": True} if deepspeed else {})  # belt and braces
     loop = Loop(cfg, accelerator, model, optimizer, schedule, state, deepspeed, bundle.sources)
     unwrapped = accelerator.unwrap_model(model)
     portable = lambda d: write_portable(unwrapped, tokenizer, cfg, d)
-    preemption = PreemptionFlag().install()
+    # keep_last counts this run's checkpoints, and on a restart those of the run it continues.
+    run_id, owned = lineage(run_dir / "checkpoints", resume_from) if accelerator.is_main_process else (None, [])
+    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", t.keep_last,
+                                    {"exclude_frozen_parameters": True} if deepspeed else {},  # belt and braces
+                                    run_id=run_id, owned=owned,
+                                    identity=lambda: identity.record(cfg.model.base_model, base.config, unwrapped))
+    preemption.install()
     if accelerator.is_main_process:
         logger.info("training %d optimizer steps (%d micro-batches of %d per step per process, %d process(es)); "
                     "%d trainable parameters", total_steps, t.gradient_accumulation_steps, t.train_batch_size,
@@ -173,9 +211,10 @@ def train(cfg: RunConfig) -> dict:
         if preemption.agreed(accelerator):
             if last_saved != state.step:
                 checkpoints.save(state.step, portable, {"epoch": state.epoch, "preempted": True})
-            logger.warning("SIGTERM: saved at step %d, exiting with %d to be restarted", state.step, EXIT_PREEMPTED)
+            logger.warning("%s: saved at step %d, exiting with %d; resume with --resume_from_checkpoint auto",
+                           preemption.name, state.step, preemption.exit_code)
             accelerator.end_training()
-            raise Preempted()
+            raise Preempted(preemption.exit_code)
         if stopped_early:
             logger.info("early stopping at step %d", state.step)
             break
@@ -183,7 +222,6 @@ def train(cfg: RunConfig) -> dict:
 
     summary = finish(accelerator, unwrapped, tokenizer, cfg, run_dir, state, metrics)
     accelerator.end_training()
-    preemption.uninstall()
     return summary
 
 
@@ -427,16 +465,6 @@ def write_portable(moe, tokenizer, cfg, out_dir) -> None:
     cfg.save(out_dir / "recipe.yaml")
 
 
-def check_output_dir(run_dir: Path, resume: str | None) -> None:
-    """A fresh run never writes into a directory that already holds a run."""
-    if resume:
-        return
-    existing = complete_checkpoints(run_dir / "checkpoints")
-    if existing or (run_dir / "final").exists():
-        raise ValueError(f"train.output_dir={str(run_dir)!r} already holds a run (checkpoints or final/); resume it "
-                         "with --resume_from_checkpoint auto, or choose another --output_dir")
-
-
 def make_accelerator(cfg, run_dir):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
@@ -464,9 +492,6 @@ def _fill_deepspeed_auto(accelerator, cfg) -> None:
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.train.max_grad_norm
-    if ds.get("zero_force_ds_cpu_optimizer", True) and _offloads_optimizer(accelerator):
-        raise ValueError("DeepSpeed config: set \"zero_force_ds_cpu_optimizer\": false with optimizer offload "
-                         "(otherwise the optimizer is swapped and the LR freezes after a resume)")
 
 
 def _memory_gib() -> float:

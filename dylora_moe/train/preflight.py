@@ -1,0 +1,104 @@
+"""Checks a run makes before any heavy work: the base model can be found, the packages
+its options need are installed, and the DeepSpeed config does not contradict the recipe. Each failure is one line naming the field.
+(The recipe's own values are checked when it is read: config.py; the output dir by
+rundir.py.)
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..model.tiny import TINY_PREFIX
+
+PATH_PREFIXES = ("/", "./", "../", "~")
+# Architectures with a table of learned absolute positions: a row longer than it fails
+# with an IndexError in the middle of training.
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt")
+
+
+def check_recipe_environment(cfg) -> None:
+    """All of the checks that need no accelerator: run on every rank, before data is read."""
+    check_packages(cfg)
+    check_model_name("model.tokenizer", cfg.model.tokenizer)
+    check_base_model(cfg)
+
+
+def check_packages(cfg) -> None:
+    needs = []
+    if cfg.model.load_in_4bit or cfg.model.load_in_8bit or cfg.train.optimizer != "adamw":
+        field = "model.load_in_4bit/8bit" if cfg.model.load_in_4bit or cfg.model.load_in_8bit else "train.optimizer"
+        needs.append((field, "bitsandbytes", "bitsandbytes"))
+    for tracker in cfg.train.log_with:
+        needs.append((f"train.log_with={tracker}", tracker, "dylora-moe[trackers]"))
+    for field, module, package in needs:
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"{field} needs the {module} package, which is not installed (pip install {package})")
+
+
+def check_model_name(field: str, name: Optional[str]) -> None:
+    """A local path must exist; anything else must at least be a valid hub id."""
+    if not name or name == "demo" or name.startswith(TINY_PREFIX):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{field}={name!r}: is a file; expected a model directory or a hub id")
+        return
+    if name.startswith(PATH_PREFIXES) or name.count("/") > 1:
+        raise ValueError(f"{field}={name!r}: no such directory (and not a hub id like google/codegemma-2b)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"{field}={name!r}: neither a local directory nor a valid hub id "
+                         "(like google/codegemma-2b)") from None
+
+
+def check_base_model(cfg) -> None:
+    """The base's config can be read (locally, or from the hub when online), so a missing
+    model fails now and not after the data is tokenized; and max_seq_length fits its
+    positions."""
+    name = cfg.model.base_model
+    if name.startswith(TINY_PREFIX):
+        return  # built from model.tiny, checked with the recipe
+    check_model_name("model.base_model", name)
+    config = read_base_config(name)
+    if getattr(config, "model_type", None) not in LEARNED_POSITIONS:
+        return  # rotary / ALiBi positions: longer rows run (if less well)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and cfg.data.max_seq_length > positions:
+        raise ValueError(f"data.max_seq_length={cfg.data.max_seq_length} exceeds the {positions} positions of "
+                         f"{name} (learned position embeddings); lower max_seq_length")
+
+
+def read_base_config(name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(f"model.base_model={name!r}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is "
+                         "set (downloads are off)")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model.base_model={name!r}: cannot read its config ({first})") from None
+
+
+def check_deepspeed(accelerator) -> None:
+    """The accelerate/DeepSpeed config's own contradictions: refused before any model loads."""
+    if accelerator.distributed_type.value != "DEEPSPEED":
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    zero = ds.get("zero_optimization", {})
+    offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
+    if offload and ds.get("zero_force_ds_cpu_optimizer", True):
+        raise ValueError("DeepSpeed config: optimizer offload needs \"zero_force_ds_cpu_optimizer\": false "
+                         "(otherwise DeepSpeed swaps in its own optimizer and the LR schedule stops driving it: "
+                         "the LR freezes after a resume); see ds_configs/zero2_offload.json")
