@@ -779,4 +779,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .errors import guarded
+
+    sys.exit(guarded(main, sys.argv[1:]))

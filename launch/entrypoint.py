@@ -66,7 +66,12 @@ def local_gpus() -> int:
 def resolve_secrets(env: dict, fetch: Optional[Callable[[str], str]] = None) -> dict:
     """Secret values never travel in the job spec: it names Secret Manager versions, and
     they are read here with the job's service account."""
-    refs = json.loads(env.get(SECRETS_ENV) or "{}")
+    try:
+        refs = json.loads(env.get(SECRETS_ENV) or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{SECRETS_ENV}: not valid JSON ({e.msg}); expected {{\"NAME\": \"projects/P/secrets/S/versions/V\"}}") from None
+    if not isinstance(refs, dict) or not all(isinstance(v, str) for v in refs.values()):
+        raise ValueError(f"{SECRETS_ENV}: expected a JSON object of NAME: Secret Manager version name")
     if not refs:
         return env
     if fetch is None:
@@ -103,4 +108,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dylora_moe.errors import guarded
+
+    sys.exit(guarded(main, sys.argv[1:]))

@@ -158,4 +158,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dylora_moe.errors import guarded
+
+    sys.exit(guarded(main, sys.argv[1:]))

@@ -101,12 +101,13 @@ def test_dense_training_mixture_equals_sum_of_gated_deltas():
 
 
 def test_target_autodetection_per_architecture():
-    expected = {"gemma": 8, "llama": 8, "gpt2": 2, "gpt_neox": 2}  # 2 layers each
+    expected = {"gemma": 8, "llama": 8, "gpt2": 4, "gpt_neox": 4}  # 2 layers each (more in tests/test_targets.py)
     for arch, n in expected.items():
         moe = make_moe(arch)
         assert len(moe.experts) == n, arch
     gpt2 = make_moe("gpt2")
-    assert all(name.endswith("c_attn") for name in gpt2.experts)
+    assert {name.rsplit(".", 1)[-1] for name in gpt2.experts} == {"c_attn", "c_proj"}
+    assert all(".attn." in name for name in gpt2.experts)  # attention's c_proj, not the MLP's
 
 
 def test_model_without_targets_is_a_clear_error():

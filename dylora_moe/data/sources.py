@@ -69,7 +69,8 @@ def _code_alpaca(source, data):
     from datasets import load_dataset
 
     repo, file = CODE_ALPACA_HUB
-    rows = _validated(load_dataset(repo, data_files=file, split="train"), validate_instruction_row, repo)
+    rows = _validated(_hub(source, repo, lambda: load_dataset(repo, data_files=file, split="train")),
+                      validate_instruction_row, repo)
     return _split_instructions(rows, source, data, repo)
 
 
@@ -93,7 +94,8 @@ def _mbpp(source, data):
         repo, config = MBPP_HUB
         where = repo
         # The hub copy is pre-split (train/test/validation/prompt): join and re-split by our rules.
-        rows = _validated(concatenate_datasets(list(load_dataset(repo, config).values())), validate_mbpp_row, repo)
+        rows = _validated(concatenate_datasets(list(_hub(source, repo, lambda: load_dataset(repo, config)).values())),
+                          validate_mbpp_row, repo)
     examples = [mbpp_example(row, source.label) for row in sorted(rows, key=lambda r: r["task_id"])]
     if data.mbpp_split == "official":
         by_id = {int(ex["id"]): ex for ex in examples}
@@ -110,6 +112,16 @@ def _demo(source, data):
         rows = demo_rows(family, data.demo_examples, data.seed)
         examples += [instruction_example(row, source.label, f"{family}-{i}") for i, row in enumerate(rows)]
     return _split(examples, f"demo:{','.join(families)} (generated)", TRAIN_VALIDATION, data.seed)
+
+
+def _hub(source, repo: str, load):
+    """A hub dataset, or one line saying it cannot be had and what to do instead."""
+    try:
+        return load()
+    except (OSError, ValueError) as e:  # offline, unreachable, not found: datasets raises these
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"data.sources[{source.name}]: cannot load the hub dataset {repo} ({first}); "
+                         f"or point the source at a local copy with path:") from None
 
 
 def _validated(rows, validate, where) -> list[dict]:

@@ -92,13 +92,12 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     # Everything that can be checked without loading anything, before any data is read.
     check_output_dir(run_dir, t.resume_from_checkpoint, probe_lock=int(os.environ.get("RANK", "0")) == 0)
     preflight.check_recipe_environment(cfg)
-    examples = load_examples(cfg.data)  # reads and validates every data file: fails before any heavy work
-
-    accelerator = make_accelerator(cfg, run_dir)
+    accelerator = make_accelerator(cfg, run_dir)  # creates nothing on disk
     _configure_logging(accelerator)
     deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     build.check_optimizer(cfg, deepspeed)
     preflight.check_deepspeed(accelerator)
+    examples = load_examples(cfg.data)  # reads and validates every data file: fails before any heavy work
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initialisation on every rank
@@ -206,10 +205,12 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
         if (t.eval_every and state.step % t.eval_every == 0) or is_last:
             stopped_early = run_eval(accelerator, model, eval_loaders, state, cfg, metrics, run_dir)
         if (t.save_every and state.step % t.save_every == 0) or is_last or stopped_early:
+            check_finite_weights(unwrapped, state.step, checkpoints)
             checkpoints.save(state.step, portable, {"epoch": state.epoch})
             last_saved = state.step
         if preemption.agreed(accelerator):
             if last_saved != state.step:
+                check_finite_weights(unwrapped, state.step, checkpoints)
                 checkpoints.save(state.step, portable, {"epoch": state.epoch, "preempted": True})
             logger.warning("%s: saved at step %d, exiting with %d; resume with --resume_from_checkpoint auto",
                            preemption.name, state.step, preemption.exit_code)
@@ -428,6 +429,7 @@ def finish(accelerator, moe, tokenizer, cfg, run_dir, state, metrics) -> dict:
     """Cross-rank weight check, the final portable model, and where everything is."""
     from accelerate.utils import gather_object
 
+    check_finite_weights(moe, state.step, None)
     digest = hashlib.sha256()
     for p in moe.trainable_parameters():
         digest.update(p.detach().float().cpu().numpy().tobytes())
@@ -452,6 +454,16 @@ def finish(accelerator, moe, tokenizer, cfg, run_dir, state, metrics) -> dict:
               f"checkpoints/, metrics.jsonl, plots/", flush=True)
     accelerator.wait_for_everyone()
     return {"step": state.step, "final_dir": str(final), "weights_sha256": checksums[0]}
+
+
+def check_finite_weights(moe, step: int, checkpoints) -> None:
+    """Never save experts that diverged: a NaN checkpoint or final/ would look like a result."""
+    bad = [name for name, p in moe.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+    if bad:
+        last = checkpoints.written[-1].name if checkpoints is not None and checkpoints.written else None
+        raise FloatingPointError(f"expert weights are not finite at step {step} ({len(bad)} tensor(s), e.g. {bad[0]}); "
+                                 f"nothing saved{f', {last} is the last good checkpoint' if last else ''}; lower "
+                                 "train.learning_rate or check the data")
 
 
 def write_portable(moe, tokenizer, cfg, out_dir) -> None:
