@@ -769,7 +769,7 @@ def main(argv=None) -> int:
         if args.num_processes < 1:
             raise ValueError(f"--num_processes={args.num_processes}: expected an integer >= 1")
         gpus = [resolve_gpu(g) for g in args.gpu] if args.gpu else None
-        cfg = load_recipe(args.config, overrides)
+        cfg = load_recipe(args.config, overrides, require_base=True)
         report = plan_recipe(cfg, args.config or "", args.num_processes, gpus)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

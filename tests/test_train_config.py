@@ -169,7 +169,7 @@ def test_bad_recipes_are_one_line_naming_the_field(text, message, tmp_path, caps
 @pytest.mark.parametrize("argv,message", [
     ([], "no --config given: model.base_model is not set"),
     (["--num_experts", "2"], "no --config given: model.base_model is not set"),
-    (["--config", "EMPTY"], "model.base_model is not set, and training its default would download"),
+    (["--config", "EMPTY"], "model.base_model is not set, and its default means downloading"),
     (["--config", "ONLY_TRAIN"], "model.base_model is not set"),
 ])
 def test_no_recipe_never_trains_the_hub_default(argv, message, tmp_path, capsys, monkeypatch):

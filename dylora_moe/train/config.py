@@ -233,7 +233,7 @@ def load_recipe(path: Optional[str], overrides: list[str] = (), require_base: bo
         sections[section][name] = value
     if require_base and "base_model" not in sections["model"]:
         raise ValueError(f"{'recipe ' + path if path else 'no --config given'}: model.base_model is not set, and "
-                         "training its default would download google/codegemma-2b; pass a recipe "
+                         "its default means downloading google/codegemma-2b; pass a recipe "
                          "(--config configs/demo.yaml is the offline demo) or name the base "
                          "(--base_model google/codegemma-2b)")
     built = {}
