@@ -243,8 +243,10 @@ class CheckpointManager:
         return ""
 
     def _seal(self, tmp: Path, final: Path, step: int, write_portable, extra: dict) -> str:
-        # Fault-injection seam for the kill -9 test: hold the write open for a while.
-        time.sleep(float(os.environ.get("DYLORA_TEST_CHECKPOINT_DELAY_S", "0")))
+        # Fault-injection seam for the kill -9 / Ctrl-C tests: hold the write open for a while
+        # (at every save, or only at DYLORA_TEST_CHECKPOINT_DELAY_STEP).
+        if os.environ.get("DYLORA_TEST_CHECKPOINT_DELAY_STEP", str(step)) == str(step):
+            time.sleep(float(os.environ.get("DYLORA_TEST_CHECKPOINT_DELAY_S", "0")))
         write_portable(tmp / "portable")
         marker = {"step": step, "written_at": time.time(), "run": self.run_id, **self.identity(), **extra,
                   "files": file_manifest(tmp)}
