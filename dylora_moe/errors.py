@@ -36,6 +36,9 @@ def one_line(error: BaseException) -> Optional[str]:
     if isinstance(error, MemoryError) or _is_out_of_memory(error):
         return ("out of memory (" + _first_line(error) + "); lower train.train_batch_size or data.max_seq_length, "
                 "or see `dylora-moe plan` for what fits")
+    if type(error).__name__ == "SafetensorError":
+        where = _local_in_traceback(error, "filename")
+        return f"{where + ': ' if where else ''}a damaged or cut-short .safetensors file ({_first_line(error)})"
     google = _google_api_error(error)
     if google is not None:
         return google
@@ -74,6 +77,17 @@ def _os_error(error: OSError) -> str:
     text = f"{where}: {error.strerror}" if where else error.strerror
     hint = OS_HINTS.get(error.errno)
     return f"{text} ({hint})" if hint else text
+
+
+def _local_in_traceback(error: BaseException, name: str) -> Optional[str]:
+    """A variable of the innermost frame that has one: safetensors names no file in its errors."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        value = tb.tb_frame.f_locals.get(name)
+        if isinstance(value, (str, os.PathLike)):
+            found = os.fspath(value)
+        tb = tb.tb_next
+    return found
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

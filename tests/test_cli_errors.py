@@ -119,3 +119,15 @@ def test_launch_entry_points_share_it(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("error: DYLORA_SECRET_REFS: not valid JSON"), done.stderr
     assert done.stderr.count("\n") == 1
     assert os.environ.get("DYLORA_SECRET_REFS") is None
+
+
+def test_a_damaged_safetensors_file_is_named(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "experts.safetensors"
+    save_file({"w": torch.zeros(100)}, str(path))
+    path.write_bytes(path.read_bytes()[:20])
+    assert guarded(lambda argv: load_file(str(path)), []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: a damaged or cut-short .safetensors file (") and err.count("\n") == 1

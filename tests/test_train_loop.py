@@ -136,3 +136,25 @@ def test_8bit_optimizers_train(name, tmp_path, fresh_accelerate):
     train(recipe(tmp_path, "--max_steps", "12", "--optimizer", name, "--learning_rate", "0.01"))
     steps = [r["loss"] for r in records(tmp_path) if "loss" in r]
     assert len(steps) == 12 and steps[-1] < steps[0]
+
+
+def test_diverged_weights_are_never_saved(tmp_path, monkeypatch, fresh_accelerate):
+    """A NaN in the experts (here put there after step 2) stops the run before a
+    checkpoint or final/ could hold it, naming the last good checkpoint."""
+    import dylora_moe.train.loop as loop
+
+    original = loop.Loop.step
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.state.step == 3:
+            with torch.no_grad():
+                next(iter(self.moe.experts.values())).lora_A[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(loop.Loop, "step", step)
+    with pytest.raises(FloatingPointError, match=r"expert weights are not finite at step 4 \(1 tensor\(s\), e\.g\. "
+                                                 r".*lora_A\); nothing saved, checkpoint-2 is the last good checkpoint"):
+        loop.train(recipe(tmp_path, "--max_steps", "6", "--save_every", "2"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not (tmp_path / "run" / "final").exists()

@@ -66,3 +66,29 @@ def test_8bit_optimizer_under_zero2_offload_is_a_clear_error(tmp_path):
     assert done.returncode != 0
     assert "train.optimizer='adamw_8bit' cannot run under DeepSpeed ZeRO" in done.stderr
     assert not (tmp_path / "run" / "base_model").exists()  # refused before any model was built
+
+
+def test_offload_config_that_would_swap_the_optimizer_is_refused_up_front(tmp_path):
+    """zero_force_ds_cpu_optimizer: true with optimizer offload would let DeepSpeed swap
+    in its own optimizer (the LR schedule would stop driving it): refused before any
+    data is read or model built."""
+    import json
+    import subprocess
+
+    from trainrun import ROOT, VENV_BIN, env, free_port
+
+    ds = json.loads((ROOT / "ds_configs" / "zero2_offload.json").read_text())
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "zero_force_ds_cpu_optimizer": True}))
+    accelerate_yaml = (ROOT / "accelerate_configs" / "zero2_offload.yaml").read_text()
+    (tmp_path / "acc.yaml").write_text(accelerate_yaml.replace("ds_configs/zero2_offload.json", str(tmp_path / "ds.json")))
+    out = tmp_path / "run"
+    done = subprocess.run([str(VENV_BIN / "accelerate"), "launch", "--config_file", str(tmp_path / "acc.yaml"),
+                           "--num_processes", "1", "--main_process_port", str(free_port()), "-m", "dylora_moe.train",
+                           *SMALL, "--max_steps", "2", "--output_dir", str(out)],
+                          cwd=ROOT, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ['error: DeepSpeed config: optimizer offload needs "zero_force_ds_cpu_optimizer": false '
+                      "(otherwise DeepSpeed swaps in its own optimizer and the LR schedule stops driving it: the LR "
+                      "freezes after a resume); see ds_configs/zero2_offload.json"], done.stderr[-3000:]
+    assert not out.exists()  # refused before anything was written
