@@ -80,14 +80,34 @@ def train(cfg: RunConfig) -> dict:
         lock.release()
 
 
-def _claim(run_dir: Path, lock: RunLock) -> str:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    return ""
+def open_run_dir(accelerator, cfg: RunConfig, run_dir: Path, lock: RunLock):
+    """Take the run dir (one run at a time) and pick the checkpoint to resume (verified
+    on the main process, shared with the others). -> (checkpoint or None, its marker)."""
+    def claim() -> str:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        return ""
+
+    share(accelerator, claim)
+    found = share(accelerator, lambda: str(resolve_resume(cfg.train.resume_from_checkpoint, run_dir / "checkpoints")
+                                           or ""))
+    resume_from = Path(found) if found else None
+    marker = read_marker(resume_from) if resume_from is not None else None
+    if accelerator.is_main_process and resume_from is not None:
+        for name in adopt_run_assets(resume_from, run_dir):  # other ranks read them after main_first's barrier
+            logger.info("copied %s/ from the run that wrote %s", name, resume_from)
+    return resume_from, marker
+
+
+def record_start(cfg: RunConfig, run_dir: Path, resume_from, marker) -> None:
+    """Once everything was checked (main process): the recipe, and metrics.jsonl kept to
+    the history this run continues."""
+    cfg.save(run_dir / ("recipe.yaml" if resume_from is None else f"recipe-resume-{int(time.time())}.yaml"))
+    separate_attempts(run_dir / "metrics.jsonl", marker["step"] if marker else None)
 
 
 def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
-    t = cfg.train
+    recipe, t = cfg, cfg.train  # the recipe as asked (cfg.moe is replaced by the checkpoint's on a resume)
     run_dir = Path(t.output_dir)
     # Everything that can be checked without loading anything, before any data is read.
     check_output_dir(run_dir, t.resume_from_checkpoint, probe_lock=int(os.environ.get("RANK", "0")) == 0)
@@ -101,17 +121,7 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(t.seed)  # identical initialisation on every rank
-    share(accelerator, lambda: _claim(run_dir, lock))  # one run per output dir, before it is read or written
-    resume_from = share(accelerator, lambda: str(resolve_resume(t.resume_from_checkpoint, run_dir / "checkpoints")
-                                                 or ""))
-    resume_from = Path(resume_from) if resume_from else None
-    resumed_marker = read_marker(resume_from) if resume_from is not None else None
-    if accelerator.is_main_process:
-        cfg.save(run_dir / ("recipe.yaml" if resume_from is None else f"recipe-resume-{int(time.time())}.yaml"))
-        if resume_from is not None:
-            for name in adopt_run_assets(resume_from, run_dir):  # other ranks read them after main_first's barrier
-                logger.info("copied %s/ from the run that wrote %s", name, resume_from)
-        separate_attempts(run_dir / "metrics.jsonl", resumed_marker["step"] if resumed_marker else None)
+    resume_from, resumed_marker = open_run_dir(accelerator, cfg, run_dir, lock)
     # Built as the checkpoint holds it (so it restores exactly), grown to the recipe's count afterwards.
     grow_on_resume = 0
     if resume_from is not None:
@@ -124,6 +134,8 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     if resume_from is not None:
         identity.check_resume(resume_from, resumed_marker, cfg.model.base_model, base.config, saved_moe,
                               cfg.moe.lora_r, find_targets(base, cfg.moe.target_modules))
+    if accelerator.is_main_process:
+        record_start(recipe, run_dir, resume_from, resumed_marker)
     # The experts' initial values must not depend on whether the base was built (random
     # tiny bases draw from the RNG) or found on disk (a restart after a kill -9).
     set_seed(t.seed)
