@@ -244,3 +244,15 @@ def test_metrics_of_an_abandoned_attempt_are_moved_aside_not_mixed(tmp_path):
     assert separate_attempts(path, resumed_step=8) is None  # nothing more to move
     aside = separate_attempts(path, resumed_step=None)  # a fresh start: the whole file goes
     assert not path.exists() and len(aside.read_text().splitlines()) == 8
+
+
+def test_resume_path_errors_say_what_the_path_is(tmp_path):
+    from dylora_moe.train.checkpoint import resolve_resume
+
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 2, "A")
+    with pytest.raises(ValueError, match=r"a folder of checkpoints, not one; name one of them, or use auto"):
+        resolve_resume(str(root), root)
+    with pytest.raises(ValueError, match=r"no such checkpoint folder"):
+        resolve_resume(str(root / "checkpoint-3"), root)
+    assert resolve_resume(str(root / "checkpoint-2"), root) == root / "checkpoint-2"  # a marker without file list

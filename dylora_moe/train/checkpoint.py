@@ -159,6 +159,9 @@ def resolve_resume(value: Optional[str], root) -> Optional[Path]:
     path = Path(value)
     if not path.is_dir():
         raise ValueError(f"train.resume_from_checkpoint={value!r}: no such checkpoint folder")
+    if read_marker(path) is None and checkpoint_folders(path):
+        raise ValueError(f"train.resume_from_checkpoint={value!r}: a folder of checkpoints, not one; name one of them, "
+                         "or use auto (the newest good one of --output_dir)")
     problem = verify(path)
     if problem:
         raise ValueError(f"train.resume_from_checkpoint={value!r}: not a complete checkpoint ({problem})")
