@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .config import DataConfig, SourceConfig
 from .demo_tasks import FAMILIES, demo_rows
-from .formatting import Example, instruction_example, mbpp_example
+from .formatting import instruction_example, mbpp_example
 from .readers import optional_string_list, optional_strings, read_rows, require_strings
 from .splits import dedupe, fraction_split
 
