@@ -262,6 +262,9 @@ def test_a_resume_onto_another_base_or_expert_shape_is_refused(reference, tmp_pa
         (["--target_modules", "[q_proj, v_proj]"], [
             "moe.target_modules: this recipe puts experts on q_proj x2, v_proj x2, those of",
             "resume with --target_modules '[down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj]'"]),
+        (["--tiny", "{hidden_size: 64, num_layers: 2, intermediate_size: 512}"], [
+            "model.tiny={'hidden_size': 64, 'num_layers': 2, 'intermediate_size': 512}: ",
+            "base_model holds a tiny base of another architecture or shape"]),
         (["--base_model", str(tmp_path / "llama"), "--tokenizer", "none", "--tiny", "{}"], [
             "its experts were trained on base 'tiny-random:gemma' (config sha256 ",
             f"this recipe loads '{tmp_path / 'llama'}'", "resume with the base it was trained on"]),
