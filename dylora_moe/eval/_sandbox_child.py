@@ -1,7 +1,5 @@
-"""The sandbox's child process: isolates, limits and supervises one program.
-
-    python -I _sandbox_child.py CONFIG_JSON      (the job {program, tests} on stdin)
-    python -I _sandbox_child.py --reap CONFIG_JSON
+"""One sandboxed program's process tree: isolate, limit, supervise (see _sandbox_server.py,
+which forks a fresh process for each program and calls supervise_job in it).
 
 Process tree, by isolation mode (sandbox.py picks the mode):
   namespaces  (root)  this supervisor unshares mount/UTS/IPC/PID/network namespaces, forks
@@ -24,7 +22,6 @@ Free of project imports; loads its siblings by path.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import resource
 import shutil
@@ -50,15 +47,10 @@ class _Timeout(Exception):
     pass
 
 
-def main() -> None:
-    if sys.argv[1] == "--reap":
-        config = json.loads(sys.argv[2])
-        reap(config["uid"], config["cleanup_dirs"])
-        return
-    config = json.loads(sys.argv[1])
-    job = json.loads(sys.stdin.buffer.read())
-    _null_stdin()
-    fds = _hide_fds(config["verdict_fd"], config["token_fd"])
+def supervise_job(config: dict, job: dict, verdict_fd: int, token_fd: int) -> None:
+    """In a fresh process of the server: isolate, start the tree, supervise it; ends
+    the process with the exit status described above."""
+    fds = _hide_fds(verdict_fd, token_fd)
     mode = config["mode"]
     try:
         if mode == "namespaces":
@@ -76,7 +68,7 @@ def main() -> None:
         if mode == "none":
             start_runner(config, job, config["workdir"], fds)
         init(config, job, fds)
-    sys.exit(supervise(pid, config))
+    os._exit(supervise(pid, config))
 
 
 def init(config: dict, job: dict, fds) -> None:
@@ -252,16 +244,7 @@ def _hide_fds(verdict_fd: int, token_fd: int) -> tuple[int, int]:
     return verdict, token
 
 
-def _null_stdin() -> None:
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-
-
 def _setup_failed(message: str) -> None:
     print(f"sandbox: {message}", file=sys.stderr, flush=True)
     os._exit(SETUP_FAILED)
 
-
-if __name__ == "__main__":
-    main()

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pathlib import Path
 from .programs import Program
 from .slots import slot_uid
 
-CHILD = Path(__file__).with_name("_sandbox_child.py")
+SERVER = Path(__file__).with_name("_sandbox_server.py")
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 MODES = ("namespaces", "userns", "none")
 # Where a program without a private filesystem can leave files (mode none, as root).
@@ -69,7 +70,7 @@ class Result:
     error: str          # "" when passed; else one of ERRORS
     returncode: int | None  # the sandbox child's (see _sandbox_child.py), not the program's
     duration_s: float
-    pid: int            # the sandbox child's process (and process group) id
+    pid: int            # the sandbox server that ran it (_sandbox_server.py)
     stdout: str
     stderr: str
     isolation: str = ""  # the mode it ran in
@@ -79,31 +80,37 @@ class Result:
 
 def run_program(program: Program | str, limits: Limits = Limits()) -> Result:
     """A str is a program with no separate tests: it passes if it runs to its end."""
-    if isinstance(program, str):
-        program = Program(code=program)
+    return run_many([program], limits, workers=1)[0]
+
+
+def run_many(programs: list, limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
+    """In parallel across cores: one sandbox server per worker (threads only wait)."""
+    if not programs:
+        return []
     mode = limits.isolation
     if mode is None:
         from .isolation import detect
 
         mode = detect().mode
-    python, own_uid = interpreter()
-    with slot_uid(needed=own_uid) as uid:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(programs)))
+    pool = _Servers(interpreter()[0])
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as threads:
+            return list(threads.map(lambda p: _run_one(pool, p, limits, mode), programs))
+    finally:
+        pool.close()
+
+
+def _run_one(pool: "_Servers", program: Program | str, limits: Limits, mode: str) -> Result:
+    if isinstance(program, str):
+        program = Program(code=program)
+    with slot_uid(needed=interpreter()[1]) as uid:
         workdir = _workdir(uid) if mode == "none" else ""
         try:
-            return _run(program, limits, mode, uid, workdir, python)
+            return _run(pool, program, limits, mode, uid, workdir)
         finally:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
-
-
-def run_many(programs: list, limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
-    """In parallel across cores (each program is its own process; threads only wait)."""
-    if limits.isolation is None and programs:
-        from .isolation import detect
-
-        detect()  # probe once, before the threads start
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda p: run_program(p, limits), programs))
 
 
 @lru_cache(maxsize=1)
@@ -141,49 +148,110 @@ def _world_reachable(path: str, bits: int) -> bool:
         return False
 
 
-def _run(program: Program, limits: Limits, mode: str, uid: int | None, workdir: str, python: str) -> Result:
-    token = secrets.token_hex(32).encode()
-    token_r, token_w = os.pipe()
-    os.write(token_w, token)
-    os.close(token_w)
-    verdict_r, verdict_w = os.pipe()
+def _run(pool: "_Servers", program: Program, limits: Limits, mode: str, uid: int | None, workdir: str) -> Result:
     config = {"mode": mode, "uid": uid, "gid": uid, "workdir": workdir, "timeout_s": limits.timeout_s,
               "env": CLEAN_ENV, "memory_bytes": limits.memory_mb * 2**20, "cpu_seconds": int(limits.timeout_s) + 1,
               "file_bytes": limits.max_file_mb * 2**20, "max_processes": limits.max_processes,
-              "tmpfs_mb": limits.tmpfs_mb, "cleanup_dirs": list(WORLD_WRITABLE),
-              "verdict_fd": verdict_w, "token_fd": token_r}
-    job = json.dumps({"program": program.code, "tests": program.tests}).encode()
+              "tmpfs_mb": limits.tmpfs_mb, "cleanup_dirs": list(WORLD_WRITABLE)}
+    request = {"config": config, "job": {"program": program.code, "tests": program.tests},
+               "max_output": limits.max_output_bytes}
     start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen([python, "-I", str(CHILD), json.dumps(config)], stdin=subprocess.PIPE,
-                                    stdout=out, stderr=err, env=CLEAN_ENV, start_new_session=True,
-                                    pass_fds=(verdict_w, token_r))
-        finally:
-            os.close(verdict_w)
-            os.close(token_r)
-        overdue = False
-        try:
-            proc.communicate(job, timeout=limits.timeout_s + GRACE_S)
-        except subprocess.TimeoutExpired:
-            overdue = True  # the child's own deadline failed: kill and clean up from here
-        finally:
-            _kill_group(proc.pid)
-            proc.wait()
-        if overdue and mode == "none" and uid is not None:
-            reap = {"uid": uid, "cleanup_dirs": list(WORLD_WRITABLE)}
-            subprocess.run([python, "-I", str(CHILD), "--reap", json.dumps(reap)], env=CLEAN_ENV,
+    server = pool.get()
+    try:
+        reply = server.run(request, limits.timeout_s + GRACE_S)
+    except _Overdue:
+        reply = {"code": TIMEOUT, "passed": False, "verdict": "", "stdout": "", "stdout_size": 0, "stderr": ""}
+        if mode == "none" and uid is not None:  # its supervisor died with the server: clean up from here
+            subprocess.run([server.python, "-I", str(SERVER), "--reap", str(uid), *WORLD_WRITABLE], env=CLEAN_ENV,
                            timeout=60, check=False)
-        verdict = _read_all(verdict_r)
-        duration = time.monotonic() - start
-        stdout, stdout_size = _read_capped(out, limits.max_output_bytes)
-        stderr, _ = _read_capped(err, limits.max_output_bytes)
-    code = TIMEOUT if overdue else proc.returncode
-    passed = verdict == b"pass " + token
-    error = "" if passed else _classify(code, verdict, stdout_size, limits)
-    detail = verdict.split(b"\n", 1)[1].decode("utf-8", "replace") if verdict.startswith(b"fail ") else ""
-    return Result(passed=passed, error=error, returncode=code, duration_s=duration, pid=proc.pid,
-                  stdout=stdout, stderr=stderr, isolation=mode, uid=uid, detail=detail)
+    finally:
+        pool.put(server)
+    duration = time.monotonic() - start
+    code, verdict = reply["code"], reply["verdict"]
+    error = "" if reply["passed"] else _classify(code, verdict, reply["stdout_size"], limits)
+    detail = verdict.split("\n", 1)[1] if verdict.startswith("fail ") and "\n" in verdict else ""
+    return Result(passed=reply["passed"], error=error, returncode=code, duration_s=duration, pid=server.pid,
+                  stdout=reply["stdout"], stderr=reply["stderr"], isolation=mode, uid=uid, detail=detail)
+
+
+class _Overdue(Exception):
+    pass
+
+
+class _Server:
+    """One sandbox server process (_sandbox_server.py): a request line in, a reply line out."""
+
+    def __init__(self, python: str):
+        self.python = python
+        self.proc = subprocess.Popen([python, "-I", str(SERVER), "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=CLEAN_ENV, start_new_session=True)
+        self.pid = self.proc.pid
+        self._buffer = b""
+
+    def run(self, request: dict, timeout_s: float) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+            return json.loads(self._line(time.monotonic() + timeout_s))
+        except (_Overdue, OSError, ValueError):
+            self.kill()
+            raise _Overdue() from None
+
+    def _line(self, deadline: float) -> bytes:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise _Overdue()
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise _Overdue()  # the server died
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        _kill_group(self.proc.pid)
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.alive:
+            self.proc.stdin.close()  # the server's loop ends at end of input
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc.stdout.close()
+
+
+class _Servers:
+    """Servers started on demand, one per concurrently running program; a killed one is replaced."""
+
+    def __init__(self, python: str):
+        self.python, self.idle, self.all, self.lock = python, [], [], threading.Lock()
+
+    def get(self) -> _Server:
+        with self.lock:
+            while self.idle:
+                server = self.idle.pop()
+                if server.alive:
+                    return server
+        server = _Server(self.python)
+        with self.lock:
+            self.all.append(server)
+        return server
+
+    def put(self, server: _Server) -> None:
+        with self.lock:
+            self.idle.append(server)
+
+    def close(self) -> None:
+        for server in self.all:
+            server.close()
 
 
 def _workdir(uid: int | None) -> str:
@@ -200,41 +268,15 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _read_all(fd: int, cap: int = 1 << 16) -> bytes:
-    """What the runner wrote; a daemon of the program may still hold the write end, so
-    never wait for end-of-file."""
-    os.set_blocking(fd, False)
-    chunks, size = [], 0
-    try:
-        while size < cap:
-            try:
-                chunk = os.read(fd, cap - size)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
-def _read_capped(f, cap: int) -> tuple[str, int]:
-    size = f.seek(0, os.SEEK_END)
-    f.seek(0)
-    return f.read(cap).decode("utf-8", errors="replace"), size
-
-
-def _classify(code: int | None, verdict: bytes, stdout_size: int, limits: Limits) -> str:
+def _classify(code: int | None, verdict: str, stdout_size: int, limits: Limits) -> str:
     if code == SETUP_FAILED:
         return "sandbox"
     if code == TIMEOUT or code == 128 + signal.SIGXCPU:
         return "timeout"
     if code == 128 + signal.SIGXFSZ or stdout_size >= limits.max_file_mb * 2**20:
         return "output_limit"
-    if verdict.startswith(b"fail "):
-        kind = verdict[5:].split(b"\n", 1)[0].decode("ascii", "replace")
+    if verdict.startswith("fail "):
+        kind = verdict[5:].split("\n", 1)[0]
         return kind if kind in ERRORS else "exception"
     if code is not None and code > 128:
         return "crashed"
