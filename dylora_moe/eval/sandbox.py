@@ -19,6 +19,7 @@ cannot signal each other. Isolation beyond that depends on what the OS allows
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -93,12 +94,17 @@ def run_many(programs: list, limits: Limits = Limits(), workers: int | None = No
 
         mode = detect().mode
     workers = max(1, min(workers or os.cpu_count() or 1, len(programs)))
+    pool = _shared_servers()
+    with ThreadPoolExecutor(max_workers=workers) as threads:
+        return list(threads.map(lambda p: _run_one(pool, p, limits, mode), programs))
+
+
+@lru_cache(maxsize=1)
+def _shared_servers() -> "_Servers":
+    """Servers stay up between calls (an eval calls once per batch); they end with this process."""
     pool = _Servers(interpreter()[0])
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as threads:
-            return list(threads.map(lambda p: _run_one(pool, p, limits, mode), programs))
-    finally:
-        pool.close()
+    atexit.register(pool.close)
+    return pool
 
 
 def _run_one(pool: "_Servers", program: Program | str, limits: Limits, mode: str) -> Result:
@@ -219,12 +225,14 @@ class _Server:
         self.proc.wait()
 
     def close(self) -> None:
-        if self.alive:
+        try:
             self.proc.stdin.close()  # the server's loop ends at end of input
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
         self.proc.stdout.close()
 
 
@@ -240,6 +248,8 @@ class _Servers:
                 server = self.idle.pop()
                 if server.alive:
                     return server
+                self.all.remove(server)
+                server.close()
         server = _Server(self.python)
         with self.lock:
             self.all.append(server)

@@ -43,10 +43,10 @@ def slot_uid(needed: bool = True):
 
 
 def _claim() -> tuple[int, int]:
-    start = int.from_bytes(os.urandom(2), "little")  # spread processes over the range
+    """The lowest free uid: the same few are reused, so their lock files stay few."""
     folder = lock_dir()
     for offset in range(SLOTS):
-        uid = FIRST_UID + (start + offset) % SLOTS
+        uid = FIRST_UID + offset
         with _lock:
             if uid in _in_use:
                 continue
