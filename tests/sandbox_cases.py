@@ -14,7 +14,7 @@ from dylora_moe.eval import Limits, Program  # noqa: E402
 
 RIGHT = "def add(a, b):\n    return a + b\n"
 TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
-LIMITS = Limits(timeout_s=3, memory_mb=512)
+LIMITS = Limits(timeout_s=2, memory_mb=512)
 
 # name -> (program, the error it must get; "" = it passes)
 CASES = {

@@ -6,9 +6,10 @@ short program's cost).
     python -I _sandbox_server.py --reap UID DIRS   kill UID's processes, remove its files
 
 A job is {"config": ..., "job": {"program", "tests"}, "max_output": bytes}. For each, the
-server makes the verdict token and pipes, forks a process that closes everything of the
-server (the program must never reach this protocol) and runs _sandbox_child.supervise_job,
-waits for it, and replies {"code", "passed", "verdict", "stdout", "stdout_size", "stderr"}.
+server makes the pipes, forks a process that closes everything of the server (the program
+must never reach this protocol) and runs _sandbox_child.supervise_job, only then makes
+the verdict token (so no copy of it is in the forked memory) and puts it in the token
+pipe, waits, and replies {"code", "passed", "verdict", "stdout", "stdout_size", "stderr"}.
 Free of project imports: loads its siblings by path.
 """
 from __future__ import annotations
@@ -43,10 +44,7 @@ def serve() -> None:
 
 
 def run_job(config: dict, job: dict, max_output: int) -> dict:
-    token = os.urandom(32).hex().encode()
     token_r, token_w = os.pipe()
-    os.write(token_w, token)
-    os.close(token_w)
     verdict_r, verdict_w = os.pipe()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         pid = os.fork()
@@ -56,8 +54,11 @@ def run_job(config: dict, job: dict, max_output: int) -> dict:
                 child.supervise_job(config, job, verdict_w, token_r)
             finally:
                 os._exit(child.SETUP_FAILED)  # never back into the server's loop
-        os.close(verdict_w)
-        os.close(token_r)
+        # Made after the fork, so no copy of it is in the program's memory: only in the pipe.
+        token = os.urandom(32).hex().encode()
+        os.write(token_w, token)
+        for fd in (token_w, token_r, verdict_w):
+            os.close(fd)
         _, status = os.waitpid(pid, 0)
         try:
             os.killpg(pid, signal.SIGKILL)  # whatever is left in its process group
