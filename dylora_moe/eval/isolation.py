@@ -56,7 +56,7 @@ def detect() -> Isolation:
         if report is None:
             tried.append((mode, _why(result)))
             continue
-        found = Isolation(mode=mode, missing=tuple(missing(mode, report)), tried=tuple(tried))
+        found = Isolation(mode=mode, missing=tuple(missing(mode, report, result.stderr)), tried=tuple(tried))
         if found.missing:
             logger.warning("sandbox: model-written programs are NOT isolated from %s. Isolation mode %r (%s); "
                            "pass/fail results are the same in every mode", "; ".join(found.missing), mode,
@@ -72,8 +72,9 @@ def candidates() -> list[str]:
     return (["namespaces"] if os.geteuid() == 0 else []) + ["userns", "none"]
 
 
-def missing(mode: str, report: dict) -> list[str]:
-    """What the probe could reach from inside, in words a user can act on."""
+def missing(mode: str, report: dict, notes: str = "") -> list[str]:
+    """What the probe could reach from inside (and what the setup said it could not
+    lock, in `notes`), in words a user can act on."""
     from .sandbox import interpreter
 
     root = os.geteuid() == 0
@@ -86,6 +87,9 @@ def missing(mode: str, report: dict) -> list[str]:
         out.append("the filesystem (it can write " + (
             "every world-writable dir; what it leaves in /tmp, /var/tmp, /dev/shm and /run/lock is removed "
             "afterwards, elsewhere it stays)" if root else "anywhere you can)"))
+    for line in notes.splitlines():
+        if line.startswith("sandbox: still writable:"):
+            out.append("mounts it could not make read-only (" + line.split(":", 2)[2].strip() + ")")
     if mode == "none" and not root:
         out.append("your processes (it runs as you: it can signal them and other samples, and a daemon it "
                    "starts outlives the sample)")
