@@ -74,13 +74,15 @@ def test_samples_of_other_weights_or_settings_are_not_reused(specialised, tmp_pa
     out = tmp_path / "eval"
     base = [str(specialised), "--tasks", "demo", "--limit", "3", "--n", "2", "--temperature", "0.5",
             "--max_new_tokens", "32", "--no_loss", "--out", str(out)]
-    # a timeout no program can meet: every sample fails...
+    # a timeout (almost) no program can meet: samples fail...
     assert eval_main(base + ["--timeout", "0.001"]) == 0
-    assert {s["error"] for s in samples_of(out)} == {"timeout"}
-    # ...and does not stick: with a sane timeout all of them run again
+    first = samples_of(out)
+    assert "timeout" in {s["error"] for s in first}
+    # ...and that does not stick: with a sane timeout every one of them runs again
     assert eval_main(base + ["--timeout", "10"]) == 0
     fresh = samples_of(out)
     assert len(fresh) == 6 and "timeout" not in {s["error"] for s in fresh}
+    assert {s["settings"] for s in fresh}.isdisjoint({s["settings"] for s in first})
     assert len((out / "demo" / "samples.stale.jsonl").read_text().splitlines()) == 6
     assert "moved to" in capsys.readouterr().err
     # other weights (a copy of the run, one expert tensor changed): nothing reused, the new hash recorded
