@@ -16,7 +16,7 @@ from no_namespaces import supported as seccomp_supported
 from test_sandbox import processes_with
 
 from dylora_moe.eval import Limits, run_many, run_program
-from dylora_moe.eval.isolation import PROBE, detect
+from dylora_moe.eval.isolation import PROBE
 
 CASES_SCRIPT = Path(__file__).with_name("sandbox_cases.py")
 NO_NAMESPACES = Path(__file__).with_name("no_namespaces.py")

@@ -16,6 +16,8 @@ cannot signal each other. Isolation beyond that depends on what the OS allows
       fresh tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock (gone with the sample);
   none: no network or filesystem isolation; as root, every process of its uid is killed
       afterwards and its files in those world-writable dirs are removed.
+Programs run through sandbox servers (_sandbox_server.py, one per worker, kept for the
+life of this process), which fork a fresh process tree per program (_sandbox_child.py).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHOND
 MODES = ("namespaces", "userns", "none")
 # Where a program without a private filesystem can leave files (mode none, as root).
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-GRACE_S = 5.0  # beyond the child's own deadline, before this process kills it itself
+GRACE_S = 5.0  # beyond a program's own deadline (its supervisor's), before its server is killed from here
 TIMEOUT, SETUP_FAILED = 124, 125
 ERRORS = ("timeout", "memory", "output_limit", "assertion", "exception", "exit", "crashed", "sandbox")
 
