@@ -4,7 +4,7 @@ import pytest
 import torch
 from trainrun import SMALL, explain, run
 
-from dylora_moe.eval.generate import generate_text, main as generate_main
+from dylora_moe.eval.generate import Routing, generate_batch, generate_text, generation_config, main as generate_main
 from dylora_moe.eval.loading import load_run, portable_dir, weights_hash
 from dylora_moe.eval.report import main as report_main
 
@@ -58,6 +58,34 @@ def test_generate_routes_forces_and_disables_experts(trained, capsys):
     assert "expert 1; gates [0.00 1.00 0.00 0.00]" in err and "sha256" in err
     assert generate_main([str(trained), "--prompt", "x", "--expert", "9"]) == 2
     assert "--expert 9: expected 0..3" in capsys.readouterr().err
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(trained):
+    """eval's path: left-padded prompts of different lengths in one batch, greedy, for the
+    router and for a forced expert; and n sampled completions per prompt."""
+    loaded = load_run(trained)
+    prompts = ["### Instruction:\nWrite a function add_3(xs).\n\n### Response:\n",
+               "### Instruction:\nWrite a function reverse_text(s) that returns s reversed.\n\n### Response:\n",
+               "def"]
+    for routing in (Routing(), Routing(expert=1)):
+        config = generation_config(loaded.tokenizer, max_new_tokens=12)
+        together = generate_batch(loaded, prompts, config, routing, n=3)
+        for prompt, (texts, gates) in zip(prompts, together):
+            alone, alone_gates = generate_text(loaded, prompt, max_new_tokens=12, expert=routing.expert)
+            assert texts == [alone] * 3 and gates == pytest.approx(alone_gates)
+    torch.manual_seed(0)
+    sampled = generate_batch(loaded, prompts, generation_config(loaded.tokenizer, 12, temperature=1.0, n=4))
+    assert [len(texts) for texts, _ in sampled] == [4, 4, 4]
+    assert len(set(sampled[0][0])) > 1  # n draws, not one copied
+
+
+@pytest.mark.parametrize("flags,message", [(["--temperature", "-1"], "--temperature -1.0: expected >= 0"),
+                                           (["--top_p", "2"], "--top_p 2.0: expected 0 < top_p <= 1"),
+                                           (["--max_new_tokens", "0"], "--max_new_tokens 0: expected an integer >= 1")])
+def test_generate_rejects_bad_decoding_flags(flags, message, tmp_path, capsys):
+    assert generate_main([str(tmp_path / "no-run"), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
 
 
 def test_report_writes_plots_and_summary(trained, tmp_path, capsys):

