@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 
-def quantization_config(bits: int, compute_dtype: torch.dtype):
-    """NF4 with double quantization (the QLoRA recipe) or LLM.int8."""
+def quantization_config(bits: int, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+    """NF4 with double quantization (the QLoRA recipe) or LLM.int8. `quant_storage`: the
+    dtype the packed 4-bit weights are stored in (default uint8); a floating dtype lets
+    ZeRO-3 and FSDP2 shard them like the other weights."""
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=quant_storage or torch.uint8)
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"bits={bits!r}: expected 4 or 8")

@@ -13,6 +13,7 @@ from ..data import DataCollator, PackingCollator, build_demo_tokenizer
 from ..model import DyLoRAMoE
 from ..model.quantized import quantization_config
 from ..model.tiny import TINY_PREFIX, random_causal_lm, tiny_config
+from . import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,27 @@ def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
         arch = name[len(TINY_PREFIX):]
         config = tiny_config(arch, vocab_size=len(tokenizer), **cfg.model.tiny)
         check_saved_tiny_base(run_dir / "base_model", config, cfg.model.tiny)
-        name = str(main_first(accelerator, run_dir / "base_model",
-                              lambda p: random_causal_lm(config, seed=cfg.train.seed).save_pretrained(p)))
+        name = str(main_first(accelerator, run_dir / "base_model", lambda p: save_random_base(config, cfg, p, accelerator)))
     bits = 4 if cfg.model.load_in_4bit else 8 if cfg.model.load_in_8bit else 0
     if bits:
-        # Each process holds the whole quantized base on its own device (DDP replicas;
-        # nothing of the frozen base is sharded or trained).
-        kwargs["quantization_config"] = quantization_config(bits, compute_dtype=kwargs["dtype"])
-        kwargs["device_map"] = {"": accelerator.device}
+        sharded = sharding.zero3_enabled() or sharding.fsdp_requested()
+        # Replicated (DDP, ZeRO-2): each process holds the whole quantized base. Sharded:
+        # the NF4 weights are stored in the compute dtype, so that ZeRO-3 / FSDP2 can flatten
+        # and split them like any other weight (bitsandbytes' quant_storage).
+        kwargs["quantization_config"] = quantization_config(
+            bits, compute_dtype=kwargs["dtype"], quant_storage=kwargs["dtype"] if sharded else None)
+        if not sharding.zero3_enabled():  # transformers refuses a device_map under ZeRO-3
+            kwargs["device_map"] = {"": accelerator.device}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {name} only {model.get_input_embeddings().num_embeddings}")
     return model
+
+
+def save_random_base(config, cfg, path: Path, accelerator) -> None:
+    """The tiny random base, built and saved by the main process alone."""
+    with sharding.built_by_this_process_alone(accelerator):
+        random_causal_lm(config, seed=cfg.train.seed).save_pretrained(path)
 
 
 def check_saved_tiny_base(path: Path, config, tiny: dict) -> None:

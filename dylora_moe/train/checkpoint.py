@@ -22,6 +22,7 @@ is written in place, marker last, and the marker alone decides.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -204,13 +205,18 @@ class CheckpointWriteError(OSError):
 
 class CheckpointManager:
     def __init__(self, accelerator, root, keep_last: int, save_kwargs: dict, run_id: Optional[str] = None,
-                 owned: Optional[list] = None, identity: Optional[Callable[[], dict]] = None):
+                 owned: Optional[list] = None, identity: Optional[Callable[[], dict]] = None,
+                 gather: Callable = contextlib.nullcontext):
         self.accelerator, self.root, self.keep_last = accelerator, Path(root), keep_last
         self.save_kwargs = save_kwargs
         self.run_id = run_id or uuid.uuid4().hex
         # The only ones rotation may delete: written by this run (or the run it continues).
         self.written: list[Path] = list(owned or [])
         self.identity = identity or (lambda: {})
+        # Entered by every rank around the portable copy: with a sharded base it gathers
+        # the experts (the main process writes them whole). Not around save_state, which
+        # saves each rank's partition.
+        self.gather = gather
         self.in_place = str(self.root.resolve()).startswith("/gcs/")
 
     def save(self, step: int, write_portable, extra: dict) -> Path:
@@ -224,7 +230,8 @@ class CheckpointManager:
         try:
             share(acc, lambda: self._begin(tmp))
             everyone(acc, lambda: acc.save_state(str(tmp), **self.save_kwargs))
-            share(acc, lambda: self._seal(tmp, final, step, write_portable, extra))
+            with self.gather():
+                share(acc, lambda: self._seal(tmp, final, step, write_portable, extra))
         except CheckpointWriteError:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)

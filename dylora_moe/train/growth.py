@@ -39,7 +39,7 @@ import torch
 from ..model import MoEConfig
 from ..model.growth import expert_axes
 from ..model.moe import CONFIG_FILE
-from . import build
+from . import build, sharding
 from .checkpoint import read_marker
 from .maturity import full_fp32
 
@@ -130,8 +130,9 @@ class Grower:
         acc.free_memory()  # out of DDP / DeepSpeed: their wrappers hold the old tensors
         # ...and prepare must wrap it again (DDP), not return it as already prepared
         moe.__dict__.pop("_is_accelerate_prepared", None)
-        for _ in range(count):
-            moe.add_expert(self.cfg.train.grow_init, note=note)
+        with sharding.full_experts(acc, moe):  # ZeRO-3: the old experts whole, to widen them
+            for _ in range(count):
+                moe.add_expert(self.cfg.train.grow_init, note=note)
         optimizer = build.build_optimizer(moe, self.cfg, cpu_offload=self.cpu_offload)
         if carried is not None:
             optimizer.load_state_dict(widen_optimizer_state(carried, moe, old_count))
@@ -193,8 +194,12 @@ def _set_fp32_masters(moe, masters: list[torch.Tensor], old_count: int) -> None:
     axes = {id(a.get()): a for a in expert_axes(moe)}
     for param, old in zip(moe.trainable_parameters(), masters):
         axis = axes[id(param)]
-        new = axis.select(param.detach().float().cpu(), list(range(old_count, moe.config.num_experts)))
+        current = full_fp32(param).cpu()  # ZeRO-3: gathered (the module's own tensor is a partition)
+        new = axis.select(current, list(range(old_count, moe.config.num_experts)))
         value = torch.cat([old, new], dim=axis.axis).to(param.device)
+        if sharding.is_partitioned(param):
+            sharding.write_full(param, value)
+            continue
         safe_set_full_fp32_param(param, value)
         with torch.no_grad():
             param.copy_(value.to(param.dtype))

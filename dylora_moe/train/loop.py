@@ -1,5 +1,6 @@
-"""The training loop (DESIGN §5): one Accelerate loop for CPU, one GPU, DDP and
-DeepSpeed ZeRO-2 (with CPU optimizer offload), with exact resume and preemption.
+"""The training loop (DESIGN §5): one Accelerate loop for CPU, one GPU, DDP, DeepSpeed
+ZeRO-2 (with CPU optimizer offload), and a sharded base under ZeRO-3 or FSDP2
+(sharding.py), with exact resume and preemption.
 
     accelerate launch -m dylora_moe.train --config configs/demo.yaml
 """
@@ -21,7 +22,7 @@ import torch
 from ..data import build_datasets, load_examples
 from ..data.collate import IGNORE_INDEX
 from ..model.inject import find_targets
-from . import build, growth, identity, preflight
+from . import build, growth, identity, preflight, sharding
 from .checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume, share
 from .config import RunConfig
 from .evaluate import evaluate
@@ -114,9 +115,13 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     preflight.check_recipe_environment(cfg)
     accelerator = make_accelerator(cfg, run_dir)  # creates nothing on disk
     _configure_logging(accelerator)
+    if sharding.enable_fsdp_on_cpu(accelerator):
+        logger.info("FSDP on CPU: Accelerate's FSDP2 path over gloo")
     deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    backend = sharding.kind(accelerator)  # "zero3" / "fsdp2": the base is partitioned
     build.check_optimizer(cfg, deepspeed)
     preflight.check_deepspeed(accelerator)
+    sharding.check_supported(cfg, accelerator, backend)
     examples = load_examples(cfg.data)  # reads and validates every data file: fails before any heavy work
     from accelerate.utils import set_seed
 
@@ -127,6 +132,7 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     if resume_from is not None:
         saved_moe = growth.saved_moe_config(resume_from)
         saved, grow_on_resume = growth.plan_resume(cfg, resume_from)
+        sharding.check_growth(backend, grow_on_resume)
         cfg = dataclasses.replace(cfg, moe=saved)
     tokenizer = build.build_tokenizer(cfg, examples, run_dir, accelerator)
     bundle = build_datasets(cfg.data, tokenizer, examples)
@@ -140,6 +146,7 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     # tiny bases draw from the RNG) or found on disk (a restart after a kill -9).
     set_seed(t.seed)
     moe = build.build_moe(cfg, base)
+    sharding.prepare_model(moe, accelerator, backend)
     cfg.moe = moe.config  # one object: growth updates the model's config, which the loop and portable copies read
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
 
@@ -166,6 +173,8 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     if t.log_with:
         accelerator.init_trackers(t.project_name, config=_flat_config(cfg))
     metrics = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    if backend:
+        metrics.log(sharding.sharding_record(accelerator, moe, backend), state.step)
     grower = growth.Grower(cfg, accelerator, deepspeed, cpu_offload)
     if grow_on_resume:
         before = moe.config.num_experts
@@ -185,17 +194,19 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     loop = Loop(cfg, accelerator, model, optimizer, schedule, state, deepspeed, bundle.sources)
     unwrapped = accelerator.unwrap_model(model)
     portable = lambda d: write_portable(unwrapped, tokenizer, cfg, d)
+    whole = lambda: sharding.full_experts(accelerator, unwrapped)  # all ranks: a gather with a sharded base
     # keep_last counts this run's checkpoints, and on a restart those of the run it continues.
     run_id, owned = lineage(run_dir / "checkpoints", resume_from) if accelerator.is_main_process else (None, [])
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", t.keep_last,
                                     {"exclude_frozen_parameters": True} if deepspeed else {},  # belt and braces
                                     run_id=run_id, owned=owned,
-                                    identity=lambda: identity.record(cfg.model.base_model, base.config, unwrapped))
+                                    identity=lambda: identity.record(cfg.model.base_model, base.config, unwrapped),
+                                    gather=whole)
     preemption.install()
     if accelerator.is_main_process:
         logger.info("training %d optimizer steps (%d micro-batches of %d per step per process, %d process(es)); "
                     "%d trainable parameters", total_steps, t.gradient_accumulation_steps, t.train_batch_size,
-                    accelerator.num_processes, sum(p.numel() for p in unwrapped.trainable_parameters()))
+                    accelerator.num_processes, sharding.trainable_elements(unwrapped))
 
     batches = micro_batches(train_loader, state)
     progress = _progress(accelerator, total_steps, state.step)
@@ -217,12 +228,14 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
         if (t.eval_every and state.step % t.eval_every == 0) or is_last:
             stopped_early = run_eval(accelerator, model, eval_loaders, state, cfg, metrics, run_dir)
         if (t.save_every and state.step % t.save_every == 0) or is_last or stopped_early:
-            check_finite_weights(unwrapped, state.step, checkpoints)
+            with whole():
+                check_finite_weights(unwrapped, state.step, checkpoints)
             checkpoints.save(state.step, portable, {"epoch": state.epoch})
             last_saved = state.step
         if preemption.agreed(accelerator):
             if last_saved != state.step:
-                check_finite_weights(unwrapped, state.step, checkpoints)
+                with whole():
+                    check_finite_weights(unwrapped, state.step, checkpoints)
                 checkpoints.save(state.step, portable, {"epoch": state.epoch, "preempted": True})
             logger.warning("%s: saved at step %d, exiting with %d; resume with --resume_from_checkpoint auto",
                            preemption.name, state.step, preemption.exit_code)
@@ -334,6 +347,7 @@ class Loop:
             grad_norm = engine.get_global_grad_norm()
             return norms, float(grad_norm) if grad_norm is not None else None
         acc.backward(loss)
+        self.freezer.mask_gradients()  # FSDP2 only: the reduced shards (elsewhere a gradient hook did it)
         if with_details:
             norms = expert_grad_norms(self.moe, self.cfg.moe.num_experts, is_deepspeed=False)
         if self.cfg.train.max_grad_norm > 0:
@@ -439,6 +453,11 @@ def run_eval(accelerator, model, loaders, state, cfg, metrics, run_dir) -> bool:
 
 def finish(accelerator, moe, tokenizer, cfg, run_dir, state, metrics) -> dict:
     """Cross-rank weight check, the final portable model, and where everything is."""
+    with sharding.full_experts(accelerator, moe):  # a sharded base: every rank sees the whole experts
+        return _finish(accelerator, moe, tokenizer, cfg, run_dir, state, metrics)
+
+
+def _finish(accelerator, moe, tokenizer, cfg, run_dir, state, metrics) -> dict:
     from accelerate.utils import gather_object
 
     check_finite_weights(moe, state.step, None)

@@ -14,6 +14,11 @@ Freezing has two parts, and both are needed because the experts share stacked te
   momentum from earlier steps and decoupled weight decay would still move them. Under
   ZeRO the snapshot also goes into this rank's fragment of DeepSpeed's fp32 master
   copy, which is what the next step starts from.
+With the base sharded (ZeRO-3, FSDP2) the experts are partitioned too: snapshots are
+gathered, and the write-back goes through the backend (sharding.write_full). FSDP2
+computes gradients for its gathered copy of each parameter, never for the DTensor
+shard the model holds, so a hook on the shard would not fire: there the frozen slices
+of the reduced gradients are zeroed before clipping (`mask_gradients`).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 
 from ..model.growth import expert_axes
 from ..model.layer import StackedLoRALinear
+from . import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +47,9 @@ class ExpertFreezer:
         self.axes = [a for a in expert_axes(moe) if isinstance(a.module, StackedLoRALinear)]
         self.frozen = torch.zeros(moe.config.num_experts, dtype=torch.bool)
         self.snapshots: list[torch.Tensor | None] = [None] * len(self.axes)
-        self._hooks = [a.get().register_hook(self._masker(i)) for i, a in enumerate(self.axes)] if self.enabled else []
+        # FSDP2 shards (DTensor) never receive a gradient through autograd: mask_gradients instead.
+        self._hooks = [a.get().register_hook(self._masker(i)) for i, a in enumerate(self.axes)
+                       if not sharding._is_dtensor(a.get())] if self.enabled else []
         self.update()
 
     @property
@@ -76,9 +84,29 @@ class ExpertFreezer:
             return
         for axis, snapshot in zip(self.axes, self.snapshots):
             param = axis.get()
+            if sharding.is_partitioned(param):
+                current = full_fp32(param)
+                mask = self._mask(axis, self.frozen, current)
+                sharding.write_full(param, torch.where(mask, snapshot.to(current), current))
+                continue
             mask = self._mask(axis, self.frozen, param)
             param.data.copy_(torch.where(mask, snapshot.to(param.device, param.dtype), param.data))
             _restore_zero_fragment(param, mask, snapshot)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the frozen experts' slices of the reduced FSDP2 gradients (DTensor shards),
+        before clipping and the optimizer step; elsewhere the gradient hooks did it."""
+        if not self.enabled or not bool(self.frozen.any()):
+            return
+        for axis in self.axes:
+            grad = axis.get().grad
+            if grad is None or not sharding._is_dtensor(grad):
+                continue
+            from torch.distributed.tensor import distribute_tensor
+
+            keep = (~self._mask(axis, self.frozen, grad)).to(grad.dtype).expand(grad.shape).contiguous()
+            grad.mul_(distribute_tensor(keep, grad.device_mesh, grad.placements))
 
     def _masker(self, index: int):
         axis = self.axes[index]
@@ -100,8 +128,10 @@ class ExpertFreezer:
 
 def full_fp32(param: torch.Tensor) -> torch.Tensor:
     """A detached fp32 copy of a parameter's exact value: under ZeRO DeepSpeed's master
-    copy (a collective: every rank calls it, also one that owns none of it), else the
-    parameter itself (the module copy may be bf16 under ZeRO)."""
+    copy (a collective: every rank calls it, also one that owns none of it), under FSDP2
+    the gathered shards, else the parameter itself (the module copy may be bf16 under ZeRO)."""
+    if sharding.is_partitioned(param):
+        return sharding.full_value(param).float()
     if hasattr(param, "_hp_mapping"):
         from deepspeed.utils import safe_get_full_fp32_param
 

@@ -55,13 +55,13 @@ class RoutingStats:
 def expert_grad_norms(moe, num_experts: int, is_deepspeed: bool) -> list[float]:
     """L2 norm of each expert's gradient over all its layers (A and B slices).
 
-    Under ZeRO-2 `param.grad` is None or a partition: deepspeed's safe_get_full_grad
-    assembles the full reduced gradient (a collective: every rank must call this)."""
+    Under ZeRO-2/3 `param.grad` is None or a partition: deepspeed's safe_get_full_grad
+    assembles the full reduced gradient; under FSDP2 it is a DTensor shard, gathered
+    (both collectives: every rank must call this)."""
     if is_deepspeed:
         from deepspeed.utils import safe_get_full_grad as full_grad
     else:
-        def full_grad(p):
-            return p.grad
+        from .sharding import full_grad
     squares = torch.zeros(num_experts, dtype=torch.float64)
     for layer in moe.experts.values():
         r = layer.r

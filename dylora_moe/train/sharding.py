@@ -1,0 +1,296 @@
+"""Sharded bases: DeepSpeed ZeRO-3 and FSDP2, where each process holds 1/N of the frozen base.
+
+The model code does not know it is sharded; what changes is handled here, from the
+training side:
+- transformers builds every model inside `deepspeed.zero.Init` once a ZeRO-3 config is
+  registered (Accelerate registers it for any stage-3 config, whatever
+  `zero3_init_flag` says). Each parameter is then broadcast and partitioned as it is
+  created: a collective. The tiny random base that the main process builds and saves
+  for the others would wait forever for them (the demo under ZeRO-3 hung right there,
+  rank 0 in zero.Init's broadcast, rank 1 in the barrier after it), so it is built
+  outside (`built_by_this_process_alone`). Every rank then loads the saved base, under
+  zero.Init, partitioned as it loads.
+- Outside a forward, a partitioned parameter holds only this rank's piece (ZeRO-3: an
+  empty tensor, FSDP2: a DTensor shard). Whatever reads or writes experts and router
+  there (the portable export, the finite-weights check, the final checksum, frozen
+  experts written back, growth) goes through `full_experts`, `full_value` and
+  `write_full`, which gather and scatter with the backends' own APIs.
+- The chunked loss multiplies by the LM head's weight inside DyLoRAMoE.forward, not in
+  the head's own forward. ZeRO-3 only gathers a parameter for the forward of the module
+  that owns it, so the weight is registered as an external parameter of the mixture
+  (`prepare_model`).
+- Accelerate turns FSDP on only for GPU-like devices: on CPU it silently sets the
+  distributed type to NO and every process trains alone. `enable_fsdp_on_cpu` switches
+  Accelerate's own FSDP2 path on over gloo (torch's fully_shard runs there), so the
+  same code is tested on CPU as runs on GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ZERO3, FSDP2 = "zero3", "fsdp2"
+
+
+# ---------------------------------------------------------------------------- which backend
+def kind(accelerator) -> str:
+    """"zero3", "fsdp2" or "" (nothing of the base is partitioned)."""
+    state = accelerator.state
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        return ZERO3 if state.deepspeed_plugin.zero_stage == 3 else ""
+    if accelerator.distributed_type.value == "FSDP":
+        return FSDP2 if getattr(state.fsdp_plugin, "fsdp_version", 1) == 2 else "fsdp1"
+    return ""
+
+
+def zero3_enabled() -> bool:
+    """True while a ZeRO-3 DeepSpeed config is registered with transformers."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
+
+
+def fsdp_requested(env=None) -> bool:
+    """The accelerate config asks for FSDP (accelerate launch sets this from the yaml)."""
+    env = os.environ if env is None else env
+    return env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """On a CPU-only machine, make an FSDP accelerate config run as FSDP (over gloo)
+    instead of as N unsynchronised copies. True when it switched FSDP on."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if not fsdp_requested() or accelerator.distributed_type == DistributedType.FSDP:
+        return False
+    if torch.cuda.is_available() or accelerator.num_processes < 2:
+        return False
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise ValueError("accelerate config: distributed_type FSDP on a machine without a GPU needs the processes "
+                         "started on the CPU (ACCELERATE_USE_CPU=true accelerate launch ...); Accelerate would "
+                         "otherwise start each process alone")
+    plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables accelerate launch set
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    return True
+
+
+# ---------------------------------------------------------------------------- checks
+def check_supported(cfg, accelerator, backend: str) -> None:
+    """What a sharded base cannot do, refused in one line before any model is loaded."""
+    if backend == "fsdp1":
+        raise ValueError("accelerate config: fsdp_version 1 is not supported (the frozen base and the trainable "
+                         "experts share FSDP1's flat parameters); set fsdp_version: 2, see "
+                         "accelerate_configs/fsdp2.yaml")
+    if backend in (ZERO3, FSDP2) and cfg.model.load_in_8bit:
+        raise ValueError(f"model.load_in_8bit cannot be sharded under {backend} (LLM.int8 keeps each weight's row "
+                         "scales beside it, which a flat split of the weight loses); use model.load_in_4bit, "
+                         "or a replicated config (zero2_offload, multi_gpu)")
+    if backend != FSDP2:
+        return
+    if cfg.train.grow_on_novelty:
+        raise ValueError("train.grow_on_novelty cannot run under FSDP2 (the experts are DTensor shards inside "
+                         "the base's FSDP units and cannot be widened in place); use accelerate_configs/zero3.yaml")
+
+
+def check_growth(backend: str, add: int) -> None:
+    if backend == FSDP2 and add:
+        raise ValueError(f"moe.num_experts: a resume that adds {add} expert(s) cannot run under FSDP2 (the experts "
+                         "are DTensor shards inside the base's FSDP units and cannot be widened in place); resume "
+                         "with the checkpoint's count, or grow under accelerate_configs/zero3.yaml")
+
+
+# ---------------------------------------------------------------------------- building
+@contextlib.contextmanager
+def built_by_this_process_alone(accelerator):
+    """Build a model on one process without `zero.Init` (no collective per parameter)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not zero3_enabled():
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
+
+
+def prepare_model(moe, accelerator, backend: str) -> None:
+    """What the backend needs to know about the mixture before accelerator.prepare."""
+    if backend == ZERO3:
+        head = moe.base_model.get_output_embeddings()
+        if head is not None and getattr(head, "weight", None) is not None:
+            from deepspeed.runtime.zero import register_external_parameter
+
+            register_external_parameter(moe, head.weight)
+    if backend == FSDP2:
+        plugin = accelerator.state.fsdp_plugin
+        if not plugin.transformer_cls_names_to_wrap:
+            # One FSDP unit per decoder block (only one block's base is ever whole), not
+            # the whole mixture as a single unit: DyLoRAMoE names no block classes itself.
+            plugin.transformer_cls_names_to_wrap = list(getattr(moe.base_model, "_no_split_modules", None) or [])
+        if not plugin.transformer_cls_names_to_wrap:
+            raise ValueError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap is not set and "
+                             f"{type(moe.base_model).__name__} names no decoder block class; set it in the yaml")
+
+
+# ---------------------------------------------------------------------------- full values
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_value(param: torch.Tensor) -> torch.Tensor:
+    """A detached copy of a parameter's whole value, on every rank (a collective under
+    ZeRO-3 and FSDP2: every rank calls it). Under ZeRO-3 the fp32 master copy."""
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if value is None:  # a frozen parameter has no master copy
+            from deepspeed.runtime.zero import GatheredParameters
+
+            with GatheredParameters([param]):
+                value = param.data.clone()
+        return value.detach().clone()
+    if _is_dtensor(param):
+        return param.detach().full_tensor().clone()
+    return param.detach().clone()
+
+
+@torch.no_grad()
+def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set a (possibly partitioned) trainable parameter to `value` on every rank, the
+    optimizer's master copy included (a collective under ZeRO-3 and FSDP2)."""
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters([param], modifier_rank=0):  # rank 0's value is scattered on exit
+            param.data.copy_(value.to(param.device, param.dtype).view_as(param.data))
+        safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
+        return
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+        param.to_local().copy_(shard.to_local())
+        return
+    raise TypeError("write_full: not a partitioned parameter (ZeRO-3 or FSDP2)")
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id") or _is_dtensor(param)
+
+
+def full_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The whole reduced gradient of a parameter (FSDP2: its DTensor shards gathered)."""
+    grad = param.grad
+    if grad is not None and _is_dtensor(grad):
+        return grad.full_tensor()
+    return grad
+
+
+@contextlib.contextmanager
+def full_experts(accelerator, moe):
+    """Every rank sees the experts' and router's whole tensors, for reading (the export,
+    checks, checksums); a no-op without a partitioned base. All ranks enter it."""
+    backend = kind(accelerator)
+    params = moe.trainable_parameters()
+    if backend == ZERO3:
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters(params):
+            yield
+        return
+    if backend == FSDP2:
+        with _fsdp2_whole(moe):
+            yield
+        return
+    yield
+
+
+@contextlib.contextmanager
+def _fsdp2_whole(moe):
+    """Swap each trainable DTensor shard for a plain parameter holding its whole value,
+    and back (module order is the same on every rank, so the gathers line up)."""
+    swapped = []
+    try:
+        for module in moe.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and param.requires_grad and _is_dtensor(param):
+                    module._parameters[name] = nn.Parameter(param.detach().full_tensor(), requires_grad=True)
+                    swapped.append((module, name, param))
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+@contextlib.contextmanager
+def generation(accelerator, model):
+    """HF generate calls the base directly, not the mixture's forward. Under FSDP2 the
+    mixture's own FSDP unit (router, and whatever of the base no block unit holds) is
+    gathered only by that forward, so it is gathered by hand around generation."""
+    if kind(accelerator) != FSDP2:
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+# ---------------------------------------------------------------------------- measured
+def held_base_elements(moe) -> tuple[int, int]:
+    """(elements of the frozen base this process holds, elements of the whole base), as
+    it trains: a ZeRO-3 partition (plus whole copies of the small parameters DeepSpeed
+    keeps gathered: stage3_param_persistence_threshold), an FSDP2 shard, or everything."""
+    held = total = 0
+    seen = set()
+    for param in moe.base_model.parameters():
+        if param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        if hasattr(param, "ds_id"):
+            total += param.ds_numel
+            held += param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)
+        elif _is_dtensor(param):
+            total += param.numel()
+            held += param.to_local().numel()
+        else:
+            total += param.numel()
+            held += param.numel()
+    return held, total
+
+
+def trainable_elements(moe) -> int:
+    """Experts + router, counted whole (a ZeRO-3 parameter's own numel is 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in moe.trainable_parameters())
+
+
+def sharding_record(accelerator, moe, backend: str) -> dict:
+    """What metrics.jsonl records once per run: how much of the base each rank holds."""
+    from accelerate.utils import gather_object
+
+    held, total = held_base_elements(moe)
+    per_rank = gather_object([held])
+    return {"step": 0, "sharding": {"backend": backend or "none", "base_elements": total,
+                                    "held_per_rank": per_rank,
+                                    "fraction_per_rank": [h / max(total, 1) for h in per_rank]}}
