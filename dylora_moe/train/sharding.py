@@ -81,9 +81,13 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables accelerate launch set
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
+    from accelerate.state import PartialState
+
     state = accelerator.state
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
+    # What AcceleratorState's own init does last: every later AcceleratorState() copies it back.
+    PartialState().distributed_type = DistributedType.FSDP
     return True
 
 
