@@ -44,7 +44,7 @@ VERTEX_ACCELERATORS = {"NVIDIA_TESLA_A100": "A100-40GB", "NVIDIA_A100_80GB": "A1
 CUDA_ALLOWANCE_GIB = 2.0
 # Table rows whose detail differs between configs get these names (the JSON keeps it).
 ROW_NAMES = {"experts": "experts + router", "gradients": "expert gradients", "optimizer": "optimizer states",
-             "buckets": "ZeRO reduce buckets"}
+             "buckets": "ZeRO reduce buckets", "base": "base weights", "gathered": "gathered whole (sharded base)"}
 # Output projections read their own input; other Linears of one block that share an
 # input width read the same tensor (q/k/v, gate/up). Used to count shared inputs once.
 OUTPUT_PROJECTIONS = {"o_proj", "out_proj", "dense", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "wo", "w2"}
@@ -94,6 +94,13 @@ class ModelShape:
     attention: str = "sdpa"
     largest_linear: int = 0         # out*in of the largest quantizable Linear
     loss_chunk_tokens: int = 0      # what the model will use in training (0 = plain loss)
+    # For a sharded base (plan_sharding.py): what is gathered at once, what stays whole.
+    block_params: int = 0           # one decoder block's frozen parameters
+    block_quantizable: int = 0      # of which bitsandbytes would quantize
+    embedding_params: int = 0       # the input embeddings
+    head_params: int = 0            # an untied LM head (0 when tied to the embeddings)
+    base_param_sizes: list = field(default_factory=list)    # numel of each frozen parameter
+    expert_param_sizes: list = field(default_factory=list)  # numel of each stacked A, B and the router gate
 
     @property
     def q_width(self) -> int:
@@ -106,9 +113,9 @@ class ModelShape:
 
 def known_shapes() -> dict:
     """Hub ids whose shape we carry, for planning offline (no hub, no cache)."""
-    from .model.tiny import codegemma_2b_config
+    from .model.hub_configs import known_configs
 
-    return {"google/codegemma-2b": codegemma_2b_config}
+    return known_configs()
 
 
 def resolve_base_config(model_cfg):
@@ -180,10 +187,13 @@ def model_shape(hf_config, moe_cfg, base_model: str = "", source: str = "", attn
     text = base.config.get_text_config()
     layers = decoder_layers(base, text.num_hidden_layers)
     head = base.get_output_embeddings()
-    frozen = [p for n, p in base.named_parameters() if "lora_" not in n]
+    frozen = [p for n, p in base.named_parameters() if "lora_" not in n]  # tied weights listed once
     base_linears = [m.weight.numel() for m in base.modules() if is_linear_like(m) and m is not head]
     quantizable, largest = sum(base_linears), max(base_linears, default=0)
     layer = layers[0]
+    block = [p for n, p in layer.named_parameters() if "lora_" not in n]
+    embedding = base.get_input_embeddings().weight
+    untied_head = head is not None and head.weight is not embedding
     linears, targets = [], []
     for name, module in layer.named_modules():
         if isinstance(module, StackedLoRALinear):
@@ -212,7 +222,13 @@ def model_shape(hf_config, moe_cfg, base_model: str = "", source: str = "", attn
         activation_saves=next((ACTIVATION_SAVES.get(type(m).__name__, 1) for m in layer.modules()
                                if is_activation(m)), 1),
         attention=base.config._attn_implementation or "sdpa", largest_linear=largest,
-        loss_chunk_tokens=moe._loss_chunk_tokens())
+        loss_chunk_tokens=moe._loss_chunk_tokens(),
+        block_params=sum(p.numel() for p in block),
+        block_quantizable=sum(m.weight.numel() for m in layer.modules() if is_linear_like(m)
+                              and not isinstance(m, StackedLoRALinear)),
+        embedding_params=embedding.numel(), head_params=head.weight.numel() if untied_head else 0,
+        base_param_sizes=[p.numel() for p in frozen],
+        expert_param_sizes=[p.numel() for p in moe.trainable_parameters()])
 
 
 def decoder_layers(base, num_layers: int):
@@ -255,42 +271,72 @@ def is_activation(module) -> bool:
 class Strategy:
     """One shipped accelerate config, as the plan sees it."""
     name: str
-    kind: str                     # "single" | "ddp" | "zero2"
+    kind: str                     # "single" | "ddp" | "zero2" | "zero3" | "fsdp2"
     offload: bool = False         # ZeRO optimizer states + update on the CPU
     bucket_elements: int = 0      # ZeRO gradient reduce bucket (elements)
     buckets: int = 0              # 2 with overlap_comm (double buffering), else 1
-    processes: int = 1            # world size the optimizer states are sharded over
+    processes: int = 1            # world size the optimizer states (and a sharded base) are split over
+    offload_params: bool = False  # ZeRO-3: the base's partitions in CPU memory
+    prefetch_elements: int = 0    # ZeRO-3: stage3_prefetch_bucket_size
+    reuse_distance: int = 0       # ZeRO-3: stage3_max_reuse_distance
+    max_live: int = 0             # ZeRO-3: stage3_max_live_parameters
+    persistence_threshold: int = 0  # ZeRO-3: stage3_param_persistence_threshold
+
+    @property
+    def sharded(self) -> bool:
+        """The frozen base is partitioned over the processes."""
+        return self.kind in ("zero3", "fsdp2")
+
+
+# The shipped accelerate configs, cheapest in communication first: the order in which
+# `plan` recommends the first one that fits.
+SHIPPED = ("single_gpu", "multi_gpu", "zero2", "zero2_offload", "zero3", "fsdp2", "zero3_offload")
+KINDS = {"NO": "single", "MULTI_GPU": "ddp", "DEEPSPEED": "zero2", "FSDP": "fsdp2"}
 
 
 def shipped_strategies(processes: int = 1, root: Path = ROOT) -> list[Strategy]:
-    """single_gpu, multi_gpu, zero2, zero2_offload as accelerate_configs/ ships them
-    (multi_node_zero2 is zero2_offload per GPU). Without those files (an installed
-    package) the same values are assumed."""
+    """The SHIPPED configs as accelerate_configs/ ships them (multi_node_zero2 is
+    zero2_offload per GPU). Without those files (an installed package) the same values
+    are assumed."""
+    return [strategy_of_config(root / "accelerate_configs" / f"{name}.yaml", processes, root) for name in SHIPPED]
+
+
+def strategy_of_config(path: Path, processes: int = 1, root: Path = ROOT) -> Strategy:
+    """An accelerate config (yaml) as the plan sees it."""
     import yaml
 
-    out = []
-    for name in ("single_gpu", "multi_gpu", "zero2", "zero2_offload"):
-        path = root / "accelerate_configs" / f"{name}.yaml"
-        acc = yaml.safe_load(path.read_text()) if path.is_file() else {}
-        default = "DEEPSPEED" if name.startswith("zero2") else "MULTI_GPU" if name == "multi_gpu" else "NO"
-        kind = {"NO": "single", "MULTI_GPU": "ddp", "DEEPSPEED": "zero2"}[str(acc.get("distributed_type", default))]
-        strategy = Strategy(name, kind, processes=1 if kind == "single" else processes)
-        if kind == "zero2":
-            ds_file = (acc.get("deepspeed_config") or {}).get("deepspeed_config_file", f"ds_configs/{name}.json")
-            apply_zero_settings(strategy, root / ds_file)
-        out.append(strategy)
-    return out
+    name = Path(path).stem
+    acc = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else {}
+    default = ("DEEPSPEED" if name.startswith("zero") else "MULTI_GPU" if name == "multi_gpu"
+               else "FSDP" if name.startswith("fsdp") else "NO")
+    kind = KINDS[str(acc.get("distributed_type", default))]
+    strategy = Strategy(name, kind, processes=1 if kind == "single" else processes)
+    if kind == "zero2":
+        ds_file = (acc.get("deepspeed_config") or {}).get("deepspeed_config_file", f"ds_configs/{name}.json")
+        apply_zero_settings(strategy, root / ds_file)
+    return strategy
 
 
 def apply_zero_settings(strategy: Strategy, ds_json: Path) -> Strategy:
     """Offload and gradient buckets from a DeepSpeed JSON (DeepSpeed's defaults where unset)."""
     shipped = {"offload_optimizer": {"device": "cpu"} if strategy.name.endswith("offload") else None,
                "reduce_bucket_size": 2e8, "overlap_comm": True, "contiguous_gradients": True}
+    if strategy.name.startswith("zero3"):
+        shipped.update(stage=3, reduce_bucket_size=5e7, stage3_prefetch_bucket_size=5e7,
+                       stage3_param_persistence_threshold=2e6,
+                       offload_param={"device": "cpu"} if strategy.name.endswith("offload") else None)
     zero = json.loads(ds_json.read_text()).get("zero_optimization", {}) if ds_json.is_file() else shipped
     strategy.offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
     strategy.bucket_elements = int(zero.get("reduce_bucket_size", 5e8))
     # contiguous_gradients: DeepSpeed copies gradients into these buckets (two with overlap_comm).
     strategy.buckets = (2 if zero.get("overlap_comm") else 1) if zero.get("contiguous_gradients", True) else 0
+    if int(zero.get("stage", 2)) == 3:  # DeepSpeed's defaults where the JSON says nothing
+        strategy.kind = "zero3"
+        strategy.offload_params = (zero.get("offload_param") or {}).get("device") == "cpu"
+        strategy.prefetch_elements = int(zero.get("stage3_prefetch_bucket_size", 5e7))
+        strategy.reuse_distance = int(zero.get("stage3_max_reuse_distance", 1e9))
+        strategy.max_live = int(zero.get("stage3_max_live_parameters", 1e9))
+        strategy.persistence_threshold = int(zero.get("stage3_param_persistence_threshold", 1e5))
     return strategy
 
 
@@ -300,8 +346,11 @@ def strategy_from_env(env=None) -> Strategy:
     world = int(env.get("WORLD_SIZE", "1"))
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         ds_file = Path(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", ""))
-        name = "zero2_offload" if "offload" in ds_file.name else "zero2"
+        stage3 = ds_file.is_file() and json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage") == 3
+        name = ("zero3" if stage3 else "zero2") + ("_offload" if "offload" in ds_file.name else "")
         return apply_zero_settings(Strategy(name, "zero2", processes=world), ds_file)
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return Strategy("fsdp2", "fsdp2", processes=world)
     return Strategy("multi_gpu", "ddp", processes=world) if world > 1 else Strategy("single_gpu", "single")
 
 
@@ -389,10 +438,16 @@ class Plan:
 
 def estimate(shape: ModelShape, step: Step, strategy: Strategy) -> Plan:
     """Peak memory of one process during a training step, per component."""
-    deepspeed = strategy.kind == "zero2"
+    deepspeed = strategy.kind in ("zero2", "zero3")
     trainable = shape.expert_params + shape.router_params
-    parts = [base_weights(shape, step)]
-    parts += expert_states(trainable, step, strategy)
+    if strategy.sharded:
+        from . import plan_sharding
+
+        parts = plan_sharding.base_components(shape, step, strategy, base_weights(shape, step))
+        parts += plan_sharding.expert_states(shape, trainable, step, strategy)
+    else:
+        parts = [base_weights(shape, step)]
+        parts += expert_states(trainable, step, strategy)
     parts.append(Component("activations", activations_label(step), activation_bytes(shape, step)))
     # Accelerate's mixed precision (not DeepSpeed's) returns the model outputs in fp32,
     # so the logits the output holds through the backward are an fp32 copy.
@@ -404,10 +459,19 @@ def estimate(shape: ModelShape, step: Step, strategy: Strategy) -> Plan:
     parts.append(Component("backward", backward_label(step), backward, in_peak=backward > loss))
     if step.device == "cuda":
         parts.append(Component("cuda", "CUDA context + workspaces (fixed allowance)", CUDA_ALLOWANCE_GIB * GiB))
-    refused = None
-    if deepspeed and step.optimizer != "adamw":
-        refused = f"train.optimizer={step.optimizer!r} cannot run under DeepSpeed (use adamw)"
-    return Plan(strategy, parts, refused)
+    return Plan(strategy, parts, refusal(step, strategy))
+
+
+def refusal(step: Step, strategy: Strategy) -> Optional[str]:
+    """Why the loop would refuse this recipe under this config (as build.py and
+    train/sharding.py do), or None."""
+    if strategy.kind in ("zero2", "zero3") and step.optimizer != "adamw":
+        return f"train.optimizer={step.optimizer!r} cannot run under DeepSpeed (use adamw)"
+    if strategy.sharded and step.optimizer != "adamw":
+        return f"train.optimizer={step.optimizer!r} cannot run under FSDP2 (use adamw)"
+    if strategy.sharded and step.quant == "8bit":
+        return f"model.load_in_8bit cannot be sharded under {strategy.kind} (use load_in_4bit)"
+    return None
 
 
 def base_weights(shape: ModelShape, step: Step) -> Component:
@@ -654,11 +718,24 @@ class Report:
                 "gpu_peak_gib": round(p.peak_gib, 3), "cpu_gib": round(p.cpu_gib, 3),
                 "components": {c.key: {"label": c.label, "gib": round(c.gib, 3), "where": c.where,
                                        "in_peak": c.in_peak} for c in p.components}} for p in self.plans},
-            "gpus": {g: {"total_gib": round(gpu_total_gib(g), 2), "configs": {
+            "gpus": {g: {"total_gib": round(gpu_total_gib(g), 2), "recommended": recommended(self, g), "configs": {
                 f.strategy: {"fits": f.fits, "headroom_gib": round(f.headroom_gib, 2),
                              "max_micro_batch": f.max_micro_batch, "note": f.note}
                 for f in self.fits if f.gpu == g}} for g in dict.fromkeys(f.gpu for f in self.fits)},
         }
+
+
+def recommended(report: Report, gpu: str) -> Optional[str]:
+    """The first config in SHIPPED order (least communication first) whose step fits,
+    using every process asked for (no single-GPU config when there are several)."""
+    fitting = {f.strategy for f in report.fits if f.gpu == gpu and f.fits and f.max_micro_batch >= report.step.batch}
+    world = world_size(report)
+    return next((p.strategy.name for p in report.plans if p.strategy.name in fitting
+                 and (p.strategy.processes == world or world == 1)), None)
+
+
+def world_size(report: Report) -> int:
+    return max((p.strategy.processes for p in report.plans), default=1)
 
 
 def plan_recipe(cfg, recipe: str = "", processes: int = 1, gpus=None, strategies=None) -> Report:
@@ -713,12 +790,12 @@ def format_report(report: Report) -> str:
              f"{'bf16' if step.bf16 else 'fp32'}{', base ' + step.quant if step.quant else ''}, "
              f"checkpointing {'on' if step.checkpointing else 'off'}, "
              f"loss {'chunked ' + str(shape.loss_chunk_tokens) if shape.loss_chunk_tokens else 'plain'}, "
-             f"optimizer {step.optimizer}, {report.plans[0].strategy.processes if report.plans else 1} process(es) "
-             "for ZeRO/DDP", ""]
+             f"optimizer {step.optimizer}, {world_size(report)} process(es) for DDP, ZeRO and FSDP", ""]
     names = [p.strategy.name for p in report.plans]
-    width = 48
-    lines.append("GiB per GPU process".ljust(width) + "".join(f"{n:>16}" for n in names))
-    order = ["base", "experts", "gradients", "optimizer", "buckets", "activations", "logits", "backward", "cuda"]
+    width, col = 48, 15
+    lines.append("GiB per GPU process".ljust(width) + "".join(f"{n:>{col}}" for n in names))
+    order = ["base", "gathered", "experts", "gradients", "optimizer", "buckets", "activations", "logits", "backward",
+             "cuda"]
     keys = sorted(dict.fromkeys(c.key for p in report.plans for c in p.components), key=order.index)
     for key in keys:
         row = [next((c for c in p.components if c.key == key), None) for p in report.plans]
@@ -732,11 +809,11 @@ def format_report(report: Report) -> str:
                 cells.append(f"(CPU {c.gib:.2f})")
             else:
                 cells.append(f"{c.gib:.2f}" + ("" if c.in_peak else "*"))
-        lines.append(f"  {label}".ljust(width) + "".join(f"{x:>16}" for x in cells))
-    lines.append("  peak".ljust(width) + "".join(f"{p.peak_gib:>16.2f}" for p in report.plans))
-    lines.append("  CPU (offloaded)".ljust(width) + "".join(f"{p.cpu_gib:>16.2f}" for p in report.plans))
+        lines.append(f"  {label}".ljust(width) + "".join(f"{x:>{col}}" for x in cells))
+    lines.append("  peak".ljust(width) + "".join(f"{p.peak_gib:>{col}.2f}" for p in report.plans))
+    lines.append("  CPU (offloaded)".ljust(width) + "".join(f"{p.cpu_gib:>{col}.2f}" for p in report.plans))
     lines += ["  * overlaps a larger stage in time: shown, not in the peak", ""]
-    lines.append("fits? (headroom GiB, largest micro-batch)".ljust(width) + "".join(f"{n:>16}" for n in names))
+    lines.append("fits? (headroom GiB, largest micro-batch)".ljust(width) + "".join(f"{n:>{col}}" for n in names))
     for gpu in dict.fromkeys(f.gpu for f in report.fits):
         cells = []
         for f in (f for f in report.fits if f.gpu == gpu):
@@ -744,10 +821,18 @@ def format_report(report: Report) -> str:
                 cells.append("refused")
             else:
                 cells.append(f"{'yes' if f.fits else 'NO'} {f.headroom_gib:+.1f} b{f.max_micro_batch}")
-        lines.append(f"  {gpu} ({gpu_total_gib(gpu):.1f} GiB)".ljust(width) + "".join(f"{x:>16}" for x in cells))
+        lines.append(f"  {gpu} ({gpu_total_gib(gpu):.1f} GiB)".ljust(width) + "".join(f"{x:>{col}}" for x in cells))
+    lines.append("")
+    for gpu in dict.fromkeys(f.gpu for f in report.fits):
+        best = recommended(report, gpu)
+        processes = next((p.strategy.processes for p in report.plans if p.strategy.name == best), 1)
+        lines.append(f"  {gpu}: " + (f"use {best} ({processes} process(es))" if best else
+                                     "nothing fits; more processes (--num_processes), load_in_4bit, "
+                                     "gradient_checkpointing or a smaller micro-batch"))
     refused = {p.strategy.name: p.refused for p in report.plans if p.refused}
     lines += [f"  refused: {n}: {why}" for n, why in refused.items()]
-    lines.append("  multi_node_zero2 is zero2_offload per GPU. An estimate: keep a few GiB of headroom. Upper bounds:")
+    lines.append("  multi_node_zero2 is zero2_offload per GPU. zero3/fsdp2 split the base over the processes.")
+    lines.append("  An estimate: keep a few GiB of headroom. Upper bounds:")
     lines.append("  every row padded to max_seq_length, every position labelled (the chunked loss skips prompts).")
     return "\n".join(lines)
 
