@@ -104,6 +104,11 @@ def check_supported(cfg, accelerator, backend: str) -> None:
                          "or a replicated config (zero2_offload, multi_gpu)")
     if backend != FSDP2:
         return
+    if cfg.train.optimizer != "adamw":
+        # bitsandbytes' update kernel takes plain tensors; FSDP2's parameters are DTensors
+        # ("got mixed torch.Tensor and DTensor" at the first step, measured).
+        raise ValueError(f"train.optimizer={cfg.train.optimizer!r} cannot run under FSDP2 (bitsandbytes' 8-bit "
+                         "update does not take FSDP2's DTensor parameters); use adamw, whose states FSDP2 shards")
     if cfg.train.grow_on_novelty:
         raise ValueError("train.grow_on_novelty cannot run under FSDP2 (the experts are DTensor shards inside "
                          "the base's FSDP units and cannot be widened in place); use accelerate_configs/zero3.yaml")
@@ -262,25 +267,27 @@ def generation(accelerator, model):
 
 
 # ---------------------------------------------------------------------------- measured
-def held_base_elements(moe) -> tuple[int, int]:
-    """(elements of the frozen base this process holds, elements of the whole base), as
-    it trains: a ZeRO-3 partition (plus whole copies of the small parameters DeepSpeed
-    keeps gathered: stage3_param_persistence_threshold), an FSDP2 shard, or everything."""
+def held_base_bytes(moe) -> tuple[int, int]:
+    """(bytes of the frozen base this process holds, bytes of the whole base), as it
+    trains: a ZeRO-3 partition (plus whole copies of the small parameters DeepSpeed
+    keeps gathered: stage3_param_persistence_threshold), an FSDP2 shard, or everything.
+    A 4-bit base counts its packed storage."""
     held = total = 0
     seen = set()
     for param in moe.base_model.parameters():
         if param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
+        size = param.element_size()
         if hasattr(param, "ds_id"):
-            total += param.ds_numel
-            held += param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)
+            total += param.ds_numel * size
+            held += (param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)) * size
         elif _is_dtensor(param):
-            total += param.numel()
-            held += param.to_local().numel()
+            total += param.numel() * size
+            held += param.to_local().numel() * size
         else:
-            total += param.numel()
-            held += param.numel()
+            total += param.numel() * size
+            held += param.numel() * size
     return held, total
 
 
@@ -293,8 +300,11 @@ def sharding_record(accelerator, moe, backend: str) -> dict:
     """What metrics.jsonl records once per run: how much of the base each rank holds."""
     from accelerate.utils import gather_object
 
-    held, total = held_base_elements(moe)
+    held, total = held_base_bytes(moe)
     per_rank = gather_object([held])
-    return {"step": 0, "sharding": {"backend": backend or "none", "base_elements": total,
-                                    "held_per_rank": per_rank,
-                                    "fraction_per_rank": [h / max(total, 1) for h in per_rank]}}
+    # ZeRO-3 keeps parameters up to stage3_param_persistence_threshold whole on every rank.
+    whole = all(getattr(p, "ds_persist", False) for p in moe.trainable_parameters())
+    return {"step": 0, "sharding": {"backend": backend or "none", "base_bytes": total,
+                                    "held_bytes_per_rank": per_rank,
+                                    "fraction_per_rank": [h / max(total, 1) for h in per_rank],
+                                    "experts_whole": whole}}
