@@ -25,7 +25,20 @@ MODES = {
     "zero2_2": ["--config_file", str(ROOT / "accelerate_configs" / "zero2.yaml"), "--num_processes", "2"],
     "offload_1": ["--config_file", str(ROOT / "accelerate_configs" / "zero2_offload.yaml"), "--num_processes", "1"],
     "offload_2": ["--config_file", str(ROOT / "accelerate_configs" / "zero2_offload.yaml"), "--num_processes", "2"],
+    "zero3_2": ["--config_file", str(ROOT / "accelerate_configs" / "zero3.yaml"), "--num_processes", "2"],
+    "fsdp2_2": ["--config_file", str(ROOT / "accelerate_configs" / "fsdp2.yaml"), "--num_processes", "2"],
 }
+# Modes whose processes must be started on the CPU explicitly: DDP over gloo, and FSDP
+# (Accelerate would otherwise start each process alone; train/sharding.py).
+CPU_MODES = {"ddp2", "fsdp2_2"}
+
+
+def register_mode(name: str, config_file: Path, processes: int = 2, cpu: bool = False) -> str:
+    """A launch mode for an accelerate config written by a test (another DeepSpeed JSON...)."""
+    MODES[name] = ["--config_file", str(config_file), "--num_processes", str(processes)]
+    if cpu:
+        CPU_MODES.add(name)
+    return name
 
 
 def env(tmp: Path) -> dict:
@@ -57,8 +70,8 @@ def command(mode: str, args: list[str]) -> list[str]:
 
 def run(mode: str, args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     e = env(tmp)
-    if mode == "ddp2":
-        e["ACCELERATE_USE_CPU"] = "true"  # --multi_gpu on CPU = DDP over gloo (FIELD-NOTES)
+    if mode in CPU_MODES:
+        e["ACCELERATE_USE_CPU"] = "true"  # --multi_gpu on CPU = DDP over gloo; FSDP over gloo
     return subprocess.run(command(mode, args), cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
@@ -67,7 +80,7 @@ def run_and_interrupt(mode: str, args: list[str], tmp: Path, run_dir: Path, afte
     """Start a run, SIGTERM its whole process group once metrics show `after_step`
     (as a spot VM's shutdown does), wait for it to save and exit."""
     e = env(tmp)
-    if mode == "ddp2":
+    if mode in CPU_MODES:
         e["ACCELERATE_USE_CPU"] = "true"
     proc = subprocess.Popen(command(mode, args), cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

@@ -170,12 +170,9 @@ def full_value(param: torch.Tensor) -> torch.Tensor:
     if hasattr(param, "ds_id"):
         from deepspeed.utils import safe_get_full_fp32_param
 
-        value = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if value is None:  # a frozen parameter has no master copy
-            from deepspeed.runtime.zero import GatheredParameters
-
-            with GatheredParameters([param]):
-                value = param.data.clone()
+        value = safe_get_full_fp32_param(param)
+        if value is None:
+            raise TypeError("full_value: a ZeRO-3 parameter without a master copy (frozen); only experts and router")
         return value.detach().clone()
     if _is_dtensor(param):
         return param.detach().full_tensor().clone()
@@ -188,10 +185,8 @@ def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
     optimizer's master copy included (a collective under ZeRO-3 and FSDP2)."""
     if hasattr(param, "ds_id"):
         from deepspeed.utils import safe_set_full_fp32_param
-        from deepspeed.runtime.zero import GatheredParameters
 
-        with GatheredParameters([param], modifier_rank=0):  # rank 0's value is scattered on exit
-            param.data.copy_(value.to(param.device, param.dtype).view_as(param.data))
+        _write_zero3_module_copy(param, value)
         safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
         return
     if _is_dtensor(param):
@@ -201,6 +196,25 @@ def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
         param.to_local().copy_(shard.to_local())
         return
     raise TypeError("write_full: not a partitioned parameter (ZeRO-3 or FSDP2)")
+
+
+def _write_zero3_module_copy(param, value: torch.Tensor) -> None:
+    """The module's copy of a ZeRO-3 parameter: its partition, and its whole tensor where
+    DeepSpeed keeps one (persistent parameters). Those are written in place: gathering
+    them would end in a partition call that frees them, which DeepSpeed's record of the
+    module order does not expect (it fails the next backward with a "tracing error")."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status != ZeroParamStatus.AVAILABLE:
+        with GatheredParameters([param], modifier_rank=0):  # rank 0's value is scattered on exit
+            param.data.copy_(value.to(param.device, param.dtype).view_as(param.data))
+        return
+    param.data.copy_(value.to(param.device, param.dtype).view_as(param.data))
+    part = param.ds_tensor
+    start = torch.distributed.get_rank(group=param.ds_process_group) * part.numel()  # DeepSpeed's layout
+    chunk = value.reshape(-1)[start:start + part.numel()]
+    part.data[: chunk.numel()].copy_(chunk.to(part.device, part.dtype))
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -223,8 +237,12 @@ def full_experts(accelerator, moe):
     params = moe.trainable_parameters()
     if backend == ZERO3:
         from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        with GatheredParameters(params):
+        # Only what is not whole already: the context frees what it gathered on exit, and
+        # freeing a parameter DeepSpeed keeps whole breaks its record of the module order.
+        missing = [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+        with GatheredParameters(missing, enabled=bool(missing)):
             yield
         return
     if backend == FSDP2:
