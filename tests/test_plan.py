@@ -85,7 +85,7 @@ def test_codegemma_recipe_plans_offline(capsys):
     assert 2.4e9 < report["model"]["base_params"] < 2.6e9  # tied embeddings counted once
     assert report["step"]["batch"] == 2 and report["step"]["seq"] == 1024
     configs = report["configs"]
-    assert set(configs) == {"single_gpu", "multi_gpu", "zero2", "zero2_offload"}
+    assert set(configs) == set(plan.SHIPPED)
     # offload moves the optimizer states to the CPU; ZeRO adds its reduce buckets
     assert configs["zero2_offload"]["components"]["optimizer"]["where"] == "cpu"
     assert configs["zero2"]["components"]["optimizer"]["where"] == "gpu"
@@ -234,3 +234,86 @@ def test_quantized_base_weights_match_bitsandbytes(bits, tmp_path):
     cfg = load_recipe(None, [f"--load_in_{bits}bit", "--bf16"])
     estimated = plan.base_weights(plan.model_shape(hf_config, cfg.moe), plan.step_of(cfg)).bytes
     assert estimated == pytest.approx(sum(held.values()), rel=0.05)
+
+
+# ---------------------------------------------------------------------------- a sharded base
+def test_estimate_matches_measured_peak_of_a_sharded_step(tmp_path):
+    """FSDP2 on 2 CPU processes (gloo): what rank 0 holds of the model before two real
+    training steps plus their measured peak, against the plan's fsdp2 estimate (its base
+    shard, the gathered root and blocks, sharded expert states, activations, logits).
+    The same run generates with the base still sharded (tests/sharded_worker.py)."""
+    import subprocess
+
+    from trainrun import ROOT, VENV_BIN, env, explain, free_port
+
+    config = ROOT / "accelerate_configs" / "fsdp2.yaml"
+    e = {**env(tmp_path), "ACCELERATE_USE_CPU": "true", "DYLORA_TEST_ACCELERATE_CONFIG": str(config)}
+    done = subprocess.run([str(VENV_BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes",
+                           "2", "--main_process_port", str(free_port()), str(ROOT / "tests" / "sharded_worker.py"),
+                           "--out", str(tmp_path)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, explain(done)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["backend"] == "fsdp2" and result["held"] == pytest.approx(result["total"] / 2, rel=0.01)
+    measured = result["resident_bytes"] + result["measured"]
+    estimate, parts = result["estimate"], result["components"]
+    assert parts["base"] + parts["gathered"] > 0.3 * estimate  # the sharded terms carry a good part of it
+    ratio = estimate / measured
+    print(f"fsdp2, 2 processes: measured {measured / 2**20:.1f} MiB, estimated {estimate / 2**20:.1f} MiB ({ratio:.3f})")
+    assert 0.75 <= ratio <= 1.25, (measured, parts)
+    assert result["generated"] == result["reference"]  # generation with the base sharded
+
+
+def plan_of(capsys, recipe, *args) -> dict:
+    assert plan.main(["--config", recipe, "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sharded_configs_divide_the_base_and_the_recipes_fit_their_machines(capsys):
+    report = plan_of(capsys, "configs/codegemma-7b.yaml", "--num_processes", "8")
+    configs = report["configs"]
+    whole = configs["multi_gpu"]["components"]["base"]["gib"]
+    for name in ("zero3", "fsdp2", "zero3_offload"):
+        parts = configs[name]["components"]
+        assert parts["base"]["gib"] == pytest.approx(whole / 8, rel=0.02), name  # norms stay whole under ZeRO-3
+        assert 0 < parts["gathered"]["gib"] < whole / 4, name  # a few blocks and the embeddings, not the base
+    assert configs["zero3_offload"]["components"]["base"]["where"] == "cpu"
+    # CodeGemma-7B, 4 x 1024 without checkpointing: only a sharded base fits an A100 40 GB
+    a100 = report["gpus"]["A100-40GB"]
+    assert a100["recommended"] == "zero3"
+    assert not any(a100["configs"][n]["fits"] for n in ("single_gpu", "multi_gpu", "zero2", "zero2_offload"))
+    # StarCoder2-15B at 4 bits on 2 x L4: sharded by FSDP2 (the recipe's config), not replicated
+    report = plan_of(capsys, "configs/starcoder2-15b-qlora.yaml", "--num_processes", "2", "--gpu", "L4")
+    l4 = report["gpus"]["L4-24GB"]["configs"]
+    assert l4["fsdp2"]["fits"] and not l4["multi_gpu"]["fits"] and not l4["zero2"]["fits"]
+    assert report["configs"]["fsdp2"]["components"]["base"]["label"].startswith("base weights, 1/2 partition (NF4")
+    # CodeLlama-34B: the base alone (63 GiB in bf16) is past an A100 40 GB unless sharded
+    report = plan_of(capsys, "configs/codegemma-7b.yaml", "--base_model", "codellama/CodeLlama-34b-hf",
+                     "--gradient_checkpointing", "--num_processes", "8")
+    assert report["configs"]["multi_gpu"]["components"]["base"]["gib"] > 60
+    a100 = report["gpus"]["A100-40GB"]
+    assert a100["recommended"] == "zero3" and not a100["configs"]["multi_gpu"]["fits"]
+
+
+def test_zero3_keeps_the_experts_whole_and_partitions_every_base_linear():
+    """The shipped stage3_param_persistence_threshold sits between the largest expert
+    tensor of the shipped recipes' mixtures (up to 8 experts of rank 16) and the smallest
+    Linear weight of the 7B-34B bases: experts stay whole on every GPU, no base Linear does."""
+    from dylora_moe.model.config import MoEConfig
+    from dylora_moe.model.hub_configs import known_configs
+
+    for config_file in ("zero3.json", "zero3_offload.json"):
+        zero = json.loads((plan.ROOT / "ds_configs" / config_file).read_text())["zero_optimization"]
+        threshold = zero["stage3_param_persistence_threshold"]
+        for name in ("google/codegemma-7b", "bigcode/starcoder2-15b", "codellama/CodeLlama-34b-hf"):
+            shape = plan.model_shape(known_configs()[name](), MoEConfig(num_experts=8, lora_r=16), name)
+            linears = [l.in_features * l.out_features for l in shape.layer_linears]
+            assert max(shape.expert_param_sizes) <= threshold < min(linears), (config_file, name)
+
+
+def test_the_running_job_knows_its_sharded_strategy():
+    zero3 = plan.strategy_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "4",
+                                    "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(plan.ROOT / "ds_configs/zero3_offload.json")})
+    assert (zero3.name, zero3.kind, zero3.offload, zero3.offload_params, zero3.processes) == \
+        ("zero3_offload", "zero3", True, True, 4)
+    fsdp = plan.strategy_from_env({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"})
+    assert (fsdp.kind, fsdp.processes, fsdp.sharded) == ("fsdp2", 2, True)

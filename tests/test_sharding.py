@@ -17,9 +17,9 @@ from trainrun import (ROOT, SMALL, VENV_BIN, env, explain, final_record, free_po
 
 # Same data per optimizer step at 1 x 8 rows and 2 x 4 rows; no dropout and no balance
 # loss, whose value depends on how a step's rows are split over processes.
-EQUAL = ["--lora_dropout", "0", "--balance_coefficient", "0", "--max_steps", "4", "--save_every", "4",
-         "--eval_every", "4", "--loss_chunk_tokens", "32"]
 NUMBERS = ["--sources", "[{name: demo, family: numbers}]"]
+EQUAL = ["--lora_dropout", "0", "--balance_coefficient", "0", "--max_steps", "4", "--save_every", "4",
+         "--eval_every", "4", "--loss_chunk_tokens", "32"] + NUMBERS
 BOTH = ["--sources", "[{name: demo, family: numbers}, {name: demo, family: strings}]"]
 # Experts small enough to stay whole under the threshold below, every base Linear larger.
 ATTENTION = ["--target_modules", "[q_proj,k_proj,v_proj,o_proj]", "--lora_r", "4"]
@@ -166,14 +166,11 @@ def old_experts_unchanged(before: dict, after: dict) -> int:
     return checked
 
 
-def test_zero3_growth_freezing_and_novelty(modes, tmp_path):
-    """4 experts on one family; then a resume that adds one (a new phase), freezes the 4
-    mature ones, and adds a sixth when the other family stays novel: under ZeRO-3 with
-    every expert partitioned."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    done = run(modes["zero3"], SMALL + NUMBERS + ["--max_steps", "4", "--output_dir", str(first)], tmp_path,
-               timeout=300)
-    assert done.returncode == 0, explain(done)
+def test_zero3_growth_freezing_and_novelty(modes, sharded_runs, tmp_path):
+    """4 experts trained on one family (the ZeRO-3 run above); then a resume that adds
+    one (a new phase), freezes the 4 mature ones, and adds a sixth when the other family
+    stays novel: under ZeRO-3 with every expert partitioned."""
+    first, second = sharded_runs["zero3"], tmp_path / "second"
     done = run(modes["zero3"], SMALL + BOTH + [
         "--max_steps", "12", "--output_dir", str(second), "--resume_from_checkpoint",
         str(first / "checkpoints" / "checkpoint-4"), "--num_experts", "5", "--freeze_mature_experts",
@@ -203,18 +200,14 @@ def test_fsdp2_freezing_and_what_it_refuses(sharded_runs, tmp_path):
     assert not torch.equal(before["router.gate.weight"], after["router.gate.weight"])  # the router learns
     assert [r for r in records(out) if "loss" in r][-1]["expert_grad_norm"] == [0.0] * 4
 
-    refused = {
-        "grow": (SMALL + ["--resume_from_checkpoint", str(checkpoint), "--num_experts", "5", "--max_steps", "8"],
-                 "moe.num_experts: a resume that adds 1 expert(s) cannot run under FSDP2"),
-        "novelty": (SMALL + ["--grow_on_novelty", "--max_experts", "6"], "train.grow_on_novelty cannot run under FSDP2"),
-        "8bit": (SMALL + ["--optimizer", "adamw_8bit"], "train.optimizer='adamw_8bit' cannot run under FSDP2"),
-    }
-    for name, (args, message) in refused.items():
-        target = tmp_path / name
-        done = run("fsdp2_2", args + ["--output_dir", str(target)], tmp_path, timeout=300)
-        errors = {line for line in done.stderr.splitlines() if line.startswith("error:")}
-        assert done.returncode != 0 and len(errors) == 1 and message in errors.pop(), explain(done)
-        assert not (target / "metrics.jsonl").exists()
+    # a resume that adds an expert: refused in one line once the checkpoint's count is known
+    target = tmp_path / "grow"
+    done = run("fsdp2_2", SMALL + ["--resume_from_checkpoint", str(checkpoint), "--num_experts", "5", "--max_steps",
+                                   "8", "--output_dir", str(target)], tmp_path, timeout=300)
+    errors = {line for line in done.stderr.splitlines() if line.startswith("error:")}
+    assert done.returncode != 0 and len(errors) == 1, explain(done)
+    assert "moe.num_experts: a resume that adds 1 expert(s) cannot run under FSDP2" in errors.pop()
+    assert not (target / "metrics.jsonl").exists() and not (target / "checkpoints").exists()
     # started without ACCELERATE_USE_CPU, Accelerate would run each process alone: refused
     e = env(tmp_path)
     e.pop("ACCELERATE_USE_CPU", None)
@@ -225,6 +218,28 @@ def test_fsdp2_freezing_and_what_it_refuses(sharded_runs, tmp_path):
                           timeout=300)
     assert done.returncode != 0 and "ACCELERATE_USE_CPU=true" in done.stderr, explain(done)
     assert not (tmp_path / "alone").exists()
+
+
+@pytest.mark.parametrize("backend,overrides,message", [
+    ("fsdp2", ["--grow_on_novelty", "--max_experts", "6"], "train.grow_on_novelty cannot run under FSDP2"),
+    ("fsdp2", ["--optimizer", "adamw_8bit"], "train.optimizer='adamw_8bit' cannot run under FSDP2"),
+    ("zero3", ["--load_in_8bit"], "model.load_in_8bit cannot be sharded under zero3"),
+    ("fsdp2", ["--load_in_8bit"], "model.load_in_8bit cannot be sharded under fsdp2"),
+    ("fsdp1", [], "fsdp_version 1 is not supported"),
+])
+def test_what_a_sharded_base_refuses_is_one_line(backend, overrides, message):
+    """The checks the loop makes before any data is read (train/sharding.py)."""
+    from dylora_moe.train import sharding
+    from dylora_moe.train.config import load_recipe
+
+    cfg = load_recipe(str(ROOT / "configs" / "demo.yaml"), overrides)
+    with pytest.raises(ValueError) as refused:
+        sharding.check_supported(cfg, None, backend)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    sharding.check_supported(load_recipe(str(ROOT / "configs" / "demo.yaml"), []), None, backend.replace("1", "2"))
+    with pytest.raises(ValueError, match="cannot run under FSDP2"):
+        sharding.check_growth("fsdp2", 1)
+    sharding.check_growth("zero3", 1)
 
 
 @pytest.fixture(scope="module")
