@@ -4,6 +4,10 @@ Reads CLUSTER_SPEC (absent = one node), counts local GPUs, maps gs:// paths to t
 /gcs/ mount, fetches secrets named by reference, and *execs* `accelerate launch` with
 machine rank, machine count, master address and the total process count, so SIGTERM from
 Vertex reaches the launcher (and through it every training process) directly.
+
+DYLORA_ACCELERATE_CONFIG names another accelerate config (zero3, zero3_offload, fsdp2: a
+base sharded over the GPUs); on several nodes a DeepSpeed config is launched with
+DeepSpeed's "standard" multi-node launcher, which needs no pdsh/ssh.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SINGLE_NODE_CONFIG = ROOT / "accelerate_configs" / "zero2_offload.yaml"
 MULTI_NODE_CONFIG = ROOT / "accelerate_configs" / "multi_node_zero2.yaml"
 SECRETS_ENV = "DYLORA_SECRET_REFS"  # {"HF_TOKEN": "projects/P/secrets/S/versions/latest", ...}
+CONFIG_ENV = "DYLORA_ACCELERATE_CONFIG"
 
 
 def gcs_to_fuse(value: str) -> str:
@@ -42,16 +47,29 @@ def launch_command(node: Optional[Node], gpus_per_node: int, args: list[str], en
                    accelerate: str = "accelerate") -> list[str]:
     per_node = max(gpus_per_node, 1)  # a CPU-only node runs one process (gloo)
     if node is None or node.num_machines == 1:
-        cmd = [accelerate, "launch", "--config_file", str(env.get("DYLORA_ACCELERATE_CONFIG", SINGLE_NODE_CONFIG)),
+        cmd = [accelerate, "launch", "--config_file", str(env.get(CONFIG_ENV, SINGLE_NODE_CONFIG)),
                "--num_processes", str(per_node)]
         if node is not None:
             cmd += ["--main_process_port", str(node.master_port)]
     else:
-        cmd = [accelerate, "launch", "--config_file", str(env.get("DYLORA_ACCELERATE_CONFIG", MULTI_NODE_CONFIG)),
+        config = Path(env.get(CONFIG_ENV, MULTI_NODE_CONFIG))
+        cmd = [accelerate, "launch", "--config_file", str(config),
                "--num_machines", str(node.num_machines), "--machine_rank", str(node.machine_rank),
                "--main_process_ip", node.master_host, "--main_process_port", str(node.master_port),
                "--num_processes", str(per_node * node.num_machines)]
+        if is_deepspeed_config(config):  # the default launcher (pdsh) needs ssh, which Vertex containers lack
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
     return cmd + ["-m", "dylora_moe.train", *training_args(args, env)]
+
+
+def is_deepspeed_config(path: Path) -> bool:
+    """An accelerate config (yaml) that launches DeepSpeed."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text()).get("distributed_type") == "DEEPSPEED"
+    except (OSError, AttributeError, yaml.YAMLError) as e:
+        raise ValueError(f"{CONFIG_ENV}={str(path)!r}: not a readable accelerate config ({type(e).__name__})") from None
 
 
 def local_gpus() -> int:

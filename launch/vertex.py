@@ -29,7 +29,12 @@ MACHINES = {
     "a2-highgpu-8g": ("a2-highgpu-8g", "NVIDIA_TESLA_A100", 8),
     "a2-ultragpu-1g": ("a2-ultragpu-1g", "NVIDIA_A100_80GB", 1),
     "a2-ultragpu-8g": ("a2-ultragpu-8g", "NVIDIA_A100_80GB", 8),
+    "g2-standard-12": ("g2-standard-12", "NVIDIA_L4", 1),
+    "g2-standard-24": ("g2-standard-24", "NVIDIA_L4", 2),
+    "g2-standard-48": ("g2-standard-48", "NVIDIA_L4", 4),
+    "g2-standard-96": ("g2-standard-96", "NVIDIA_L4", 8),
 }
+CONFIG_ENV = "DYLORA_ACCELERATE_CONFIG"  # read by launch/entrypoint.py inside the container
 SECRET_LIKE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
 SECRET_REF = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
 SECRETS_ENV = "DYLORA_SECRET_REFS"
@@ -55,6 +60,8 @@ def parse_args(argv):
                    help="an env var read from Secret Manager inside the container (the value never enters the spec)")
     p.add_argument("--display_name", default="dylora-moe")
     p.add_argument("--config", default="configs/codegemma-2b.yaml", help="recipe path inside the image")
+    p.add_argument("--accelerate_config", help="accelerate config inside the image, e.g. accelerate_configs/zero3.yaml "
+                                               "(default: zero2_offload, multi_node_zero2 on several nodes)")
     p.add_argument("--dry-run", action="store_true", help="print the job spec as JSON, submit nothing")
     p.add_argument("overrides", nargs="*", help="recipe overrides after --, e.g. -- --num_experts 6")
     args = p.parse_args(argv)
@@ -72,6 +79,14 @@ def check_args(args) -> str | None:
     for item in args.label + args.env + args.secret:
         if "=" not in item:
             return f"{item!r}: expected KEY=VALUE"
+    if args.accelerate_config is not None:
+        from pathlib import Path
+
+        path = Path(args.accelerate_config)
+        if path.is_absolute() or not path.is_file() or path.suffix != ".yaml":
+            shipped = ", ".join(sorted(p.name for p in Path("accelerate_configs").glob("*.yaml")))
+            return (f"--accelerate_config={args.accelerate_config!r}: expected an accelerate config of this checkout, "
+                    f"relative to it (the image holds the same files): accelerate_configs/ has {shipped or 'none'}")
     for item in args.env:
         if SECRET_LIKE.search(item.split("=", 1)[0]):
             return f"--env {item.split('=', 1)[0]}=...: looks like a secret; pass it with --secret NAME=projects/..."
@@ -88,6 +103,8 @@ def build_job(args):
 
     machine_type, accelerator, per_node = MACHINES[args.machine]
     env = [types.EnvVar(name=k, value=v) for k, v in (e.split("=", 1) for e in args.env)]
+    if args.accelerate_config:
+        env.append(types.EnvVar(name=CONFIG_ENV, value=args.accelerate_config))
     refs = dict(s.split("=", 1) for s in args.secret)
     if refs:
         env.append(types.EnvVar(name=SECRETS_ENV, value=json.dumps(refs, sort_keys=True)))
@@ -112,12 +129,13 @@ def build_job(args):
 
 
 def memory_warning(args) -> str | None:
-    """The recipe's memory plan (`dylora-moe plan`) against the machine's GPU, under
-    ZeRO-2 with CPU offload as the entrypoint launches it: a warning line, or None when
-    it fits. The recipe is read from this checkout (the image holds the same files)."""
+    """The recipe's memory plan (`dylora-moe plan`) against the machine's GPU, under the
+    accelerate config the entrypoint launches (ZeRO-2 with CPU offload unless
+    --accelerate_config names another): a warning line, or None when it fits. Recipe and
+    config are read from this checkout (the image holds the same files)."""
     from pathlib import Path
 
-    from dylora_moe.plan import GPUS, VERTEX_ACCELERATORS, fit_warning, strategy_named
+    from dylora_moe.plan import GPUS, VERTEX_ACCELERATORS, fit_warning, strategy_named, strategy_of_config
     from dylora_moe.train.config import load_recipe
 
     _, accelerator, per_node = MACHINES[args.machine]
@@ -128,7 +146,9 @@ def memory_warning(args) -> str | None:
         return f"memory plan skipped: {args.config} is not in this checkout"
     try:
         cfg = load_recipe(args.config, args.overrides)
-        strategy = strategy_named("zero2_offload", processes=args.nodes * per_node)
+        processes = args.nodes * per_node
+        strategy = (strategy_of_config(Path(args.accelerate_config), processes) if args.accelerate_config
+                    else strategy_named("zero2_offload", processes=processes))
         return fit_warning(cfg, GPUS[gpu] * 2**20, f"{gpu} ({accelerator})", strategy)
     except (ValueError, FileNotFoundError) as e:
         return f"memory plan skipped: {e}"

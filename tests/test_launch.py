@@ -191,3 +191,74 @@ def test_build_and_push_script(tmp_path):
     assert done.returncode == 0, done.stderr
     uri = "us-central1-docker.pkg.dev/proj/repo/img:v1"
     assert f"+ docker build -t {uri} ." in done.stdout and f"+ docker push {uri}" in done.stdout
+
+
+# ---------------------------------------------------------------------------- a sharded base
+@pytest.mark.parametrize("config,standard", [("zero3.yaml", True), ("zero3_offload.yaml", True), ("fsdp2.yaml", False)])
+def test_the_entrypoint_launches_a_sharded_config(config, standard):
+    path = str(ROOT / "accelerate_configs" / config)
+    env = {"DYLORA_ACCELERATE_CONFIG": path}
+    single = flags(entrypoint.launch_command(None, gpus_per_node=8, args=[], env=env))
+    assert single["--config_file"] == path and single["--num_processes"] == "8"
+    cmd = entrypoint.launch_command(cluster.parse_cluster_spec(spec("workerpool1", 1, workers=3)), gpus_per_node=8,
+                                    args=["--config", "configs/codegemma-7b.yaml"], env=env)
+    f = flags(cmd)
+    assert f["--config_file"] == path and f["--num_processes"] == "32" and f["--machine_rank"] == "2"
+    # DeepSpeed's default multi-node launcher (pdsh) needs ssh: the standard one does not
+    assert f.get("--deepspeed_multinode_launcher") == ("standard" if standard else None)
+    with pytest.raises(ValueError, match="DYLORA_ACCELERATE_CONFIG='/no/such.yaml': not a readable accelerate config"):
+        entrypoint.launch_command(cluster.parse_cluster_spec(spec("workerpool0")), gpus_per_node=8, args=[],
+                                  env={"DYLORA_ACCELERATE_CONFIG": "/no/such.yaml"})
+
+
+def test_two_nodes_on_localhost_train_under_zero3(tmp_path):
+    """The multi-node path with a sharded base: two entrypoints ("nodes") on 127.0.0.1,
+    ZeRO-3 through the standard launcher; each holds half of the base."""
+    port, out = free_port(), tmp_path / "run"
+    base = {"cluster": {"workerpool0": [f"127.0.0.1:{port}"], "workerpool1": ["127.0.0.1:1"]}}
+    e = env(tmp_path)
+    e["PATH"] = f"{VENV_BIN}{os.pathsep}{e['PATH']}"
+    e["DYLORA_ACCELERATE_CONFIG"] = str(ROOT / "accelerate_configs" / "zero3.yaml")
+    args = [sys.executable, "-m", "launch.entrypoint", *SMALL, "--max_steps", "2", "--output_dir", str(out)]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**e, "CLUSTER_SPEC": json.dumps({**base, "task": {"type": t, "index": 0}})})
+             for t in ("workerpool0", "workerpool1")]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-4000:]
+    assert "--deepspeed_multinode_launcher standard" in outputs[1]
+    checksums = final_record(out)["weights_sha256_per_rank"]
+    assert len(checksums) == 2 and len(set(checksums)) == 1
+    sharding = next(json.loads(line)["sharding"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                    if '"sharding"' in line)
+    assert sharding["backend"] == "zero3" and len(sharding["held_bytes_per_rank"]) == 2
+
+
+def test_vertex_plans_and_passes_the_accelerate_config(capsys):
+    from google.cloud.aiplatform_v1 import types
+
+    base = ["--project", "p", "--region", "us-central1", "--image", "us-central1-docker.pkg.dev/p/r/i:1",
+            "--base_output_dir", "gs://b/run", "--dry-run"]
+    # CodeGemma-7B, its recipe's machine: replicated (the default zero2_offload) it does not fit, under zero3 it does
+    seven = base + ["--machine", "a2-highgpu-8g", "--config", "configs/codegemma-7b.yaml"]
+    assert vertex.main(seven) == 0
+    assert "memory plan" in capsys.readouterr().err
+    assert vertex.main(seven + ["--accelerate_config", "accelerate_configs/zero3.yaml"]) == 0
+    captured = capsys.readouterr()
+    assert "memory plan" not in captured.err
+    job = types.CustomJob.from_json(captured.out)
+    container = job.job_spec.worker_pool_specs[0].container_spec
+    assert {e.name: e.value for e in container.env}["DYLORA_ACCELERATE_CONFIG"] == "accelerate_configs/zero3.yaml"
+    # StarCoder2-15B at 4 bits on 2 x L4 under FSDP2
+    qlora = base + ["--machine", "g2-standard-24", "--config", "configs/starcoder2-15b-qlora.yaml",
+                    "--accelerate_config", "accelerate_configs/fsdp2.yaml"]
+    assert vertex.main(qlora) == 0
+    captured = capsys.readouterr()
+    machine = types.CustomJob.from_json(captured.out).job_spec.worker_pool_specs[0].machine_spec
+    assert (machine.accelerator_type, machine.accelerator_count) == (types.AcceleratorType.NVIDIA_L4, 2)
+    assert "memory plan" not in captured.err
+    with pytest.raises(SystemExit) as exit_info:
+        vertex.main(seven + ["--accelerate_config", "accelerate_configs/zero4.yaml"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--accelerate_config='accelerate_configs/zero4.yaml'" in err
+    assert "zero3.yaml" in err
