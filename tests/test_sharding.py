@@ -220,6 +220,33 @@ def test_fsdp2_freezing_and_what_it_refuses(sharded_runs, tmp_path):
     assert not (tmp_path / "alone").exists()
 
 
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_a_nonfinite_micro_batch(backend, modes, tmp_path):
+    """ZeRO-3 skips it (every rank agrees) and counts it; FSDP2 cannot skip it, and says so."""
+    from trainrun import CPU_MODES, MODES
+
+    mode, out = modes[backend], tmp_path / "run"
+    e = {**env(tmp_path), "PYTHONPATH": str(ROOT)}
+    if mode in CPU_MODES:
+        e["ACCELERATE_USE_CPU"] = "true"
+    done = subprocess.run([str(VENV_BIN / "accelerate"), "launch", *MODES[mode], "--main_process_port",
+                           str(free_port()), str(ROOT / "tests" / "poisoned_train.py"), *SMALL, "--max_steps", "3",
+                           "--output_dir", str(out)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    if backend == "zero3":
+        assert done.returncode == 0, explain(done)
+        assert [r for r in records(out) if "loss" in r][-1]["nonfinite_skipped"] == 1
+        return
+    errors = {line for line in done.stderr.splitlines() if line.startswith("error:")}
+    assert done.returncode != 0 and errors == {"error: " + sharding_message(2)}, explain(done)
+    assert not (out / "checkpoints").exists()  # nothing saved from a run that stopped there
+
+
+def sharding_message(step: int) -> str:
+    from dylora_moe.train.sharding import nonfinite_under_fsdp2
+
+    return nonfinite_under_fsdp2(step)
+
+
 @pytest.mark.parametrize("backend,overrides,message", [
     ("fsdp2", ["--grow_on_novelty", "--max_experts", "6"], "train.grow_on_novelty cannot run under FSDP2"),
     ("fsdp2", ["--optimizer", "adamw_8bit"], "train.optimizer='adamw_8bit' cannot run under FSDP2"),

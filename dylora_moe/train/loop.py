@@ -257,6 +257,7 @@ class Loop:
     def __init__(self, cfg, accelerator, model, optimizer, scheduler, state, deepspeed, sources):
         self.cfg, self.acc, self.model, self.optimizer, self.scheduler = cfg, accelerator, model, optimizer, scheduler
         self.state, self.deepspeed, self.sources = state, deepspeed, sources
+        self.backend = sharding.kind(accelerator)
         self.moe = accelerator.unwrap_model(model)
         self.params = self.moe.trainable_parameters()
         self.routing = RoutingStats(cfg.moe.num_experts, len(sources), accelerator.device)
@@ -299,6 +300,8 @@ class Loop:
                     self.novelty.add(self.moe, batch, out.routing_weights)
                     self.state.nonfinite_in_a_row = 0
                 else:
+                    if self.backend == sharding.FSDP2:
+                        raise FloatingPointError(sharding.nonfinite_under_fsdp2(self.state.step + 1))
                     # Skip this batch: a zero loss over the trainable parameters keeps every
                     # rank in the same collectives, and adds nothing to the gradient.
                     loss = sum((p * 0.0).sum() for p in self.params)

@@ -1,0 +1,21 @@
+"""`dylora-moe train` whose third training forward (on every rank) returns a NaN loss:
+launched by tests/test_sharding.py, where an in-process monkeypatch cannot reach."""
+import sys
+
+from dylora_moe.model import DyLoRAMoE
+from dylora_moe.train.cli import main
+
+original, calls = DyLoRAMoE.forward, {"n": 0}
+
+
+def forward(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    if self.training:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+    return out
+
+
+DyLoRAMoE.forward = forward
+sys.exit(main(sys.argv[1:]))
