@@ -6,10 +6,9 @@ training side:
   registered (Accelerate registers it for any stage-3 config, whatever
   `zero3_init_flag` says). Each parameter is then broadcast and partitioned as it is
   created: a collective. The tiny random base that the main process builds and saves
-  for the others would wait forever for them (the demo under ZeRO-3 hung right there,
-  rank 0 in zero.Init's broadcast, rank 1 in the barrier after it), so it is built
-  outside (`built_by_this_process_alone`). Every rank then loads the saved base, under
-  zero.Init, partitioned as it loads.
+  for the others would wait forever for them (rank 0 in zero.Init's broadcast, rank 1 in
+  the barrier after it), so it is built outside (`built_by_this_process_alone`). Every
+  rank then loads the saved base, under zero.Init, partitioned as it loads.
 - Outside a forward, a partitioned parameter holds only this rank's piece (ZeRO-3: an
   empty tensor, FSDP2: a DTensor shard). Whatever reads or writes experts and router
   there (the portable export, the finite-weights check, the final checksum, frozen
@@ -19,10 +18,10 @@ training side:
   the head's own forward. ZeRO-3 only gathers a parameter for the forward of the module
   that owns it, so the weight is registered as an external parameter of the mixture
   (`prepare_model`).
-- Accelerate turns FSDP on only for GPU-like devices: on CPU it silently sets the
-  distributed type to NO and every process trains alone. `enable_fsdp_on_cpu` switches
-  Accelerate's own FSDP2 path on over gloo (torch's fully_shard runs there), so the
-  same code is tested on CPU as runs on GPUs.
+- Accelerate turns FSDP on only for GPU-like devices: on CPU it picks distributed type
+  NO (every process trains alone) or, started on the CPU, MULTI_CPU (DDP).
+  `enable_fsdp_on_cpu` switches Accelerate's own FSDP2 path on over gloo (torch's
+  fully_shard runs there), so the same code is tested on CPU as runs on GPUs.
 """
 from __future__ import annotations
 
