@@ -23,7 +23,8 @@ def loader(seed=0, rows=10, batch_size=4):
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 @pytest.mark.parametrize("mixture", ["deltas", "logits"])
 def test_one_forward_gives_trainings_top_k_and_dense_losses(routing, mixture):
-    moe = make_moe("llama", num_experts=4, routing=routing, mixture=mixture, top_k=1, temperature=0.3)
+    moe = make_moe("llama", num_experts=4, routing=routing, mixture=mixture, top_k=1, temperature=0.3,
+                   gating="dense_train_top_k_eval")
     randomize_experts(moe, scale=1.0)
     loaders = {"a": loader(0), "b": loader(1)}
     calls = []
@@ -43,3 +44,20 @@ def test_one_forward_gives_trainings_top_k_and_dense_losses(routing, mixture):
     passes = 4 if mixture == "logits" else 1  # the reference mixture runs one pass per expert
     assert ours_calls == batches * passes and len(calls) == 2 * batches * passes
     assert moe.router.forward.__func__ is type(moe.router).forward  # the router is itself again
+
+
+@pytest.mark.parametrize("gating", ["dense", "top_k", "straight_through"])
+def test_a_gating_that_infers_as_it_trains_needs_one_pass_and_has_no_gap(gating):
+    moe = make_moe("llama", num_experts=4, top_k=1, gating=gating, temperature=0.3)
+    randomize_experts(moe, scale=1.0)
+    loaders = {"a": loader(0)}
+    calls = []
+    hook = moe.base_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ours = evaluate_losses(moe, loaders, 4)
+    ours_calls = len(calls)
+    calls.clear()
+    theirs = evaluate(None, moe, loaders, 4)
+    hook.remove()
+    assert ours["a"]["loss"] == ours["a"]["dense_loss"] == pytest.approx(theirs["a"]["loss"], rel=1e-6)
+    assert theirs["a"]["dense_loss"] == theirs["a"]["loss"]
+    assert ours_calls == len(calls) == len(loaders["a"])  # one base pass per batch, both ways

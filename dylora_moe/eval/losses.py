@@ -1,8 +1,8 @@
 """Loss and perplexity per source for `dylora-moe eval`, in ONE forward per batch.
 
-`loss` routes as inference does (sparse top-k); `dense_loss` routes the same rows with
-training's dense gates (README: "dense training vs. sparse eval"). Both come from one
-forward over the batch stacked twice, whose router returns the sparse gates for the first
+`loss` routes as inference does; `dense_loss` routes the same rows with training's gates.
+They are the same number unless gating is dense_train_top_k_eval; then both come from one
+forward over the batch stacked twice, whose router returns the top-k gates for the first
 copy and the dense ones for the second, and one cross-entropy over the result.
 """
 from __future__ import annotations
@@ -43,15 +43,16 @@ def sparse_then_dense(router, rows: int):
 def batch_losses(moe, batch: dict) -> dict:
     """Summed next-token loss per row (sparse and dense), label-token counts and mean gates."""
     rows = batch["input_ids"].shape[0]
-    twice = {k: torch.cat([v, v]) for k, v in batch.items() if k in ("input_ids", "attention_mask", "prompt_mask")}
-    labels = batch["labels"]
-    with sparse_then_dense(moe.router, rows):
-        out = moe(**twice, labels=torch.cat([labels, labels]) if "prompt_mask" not in batch else None)
+    copies = 1 if moe.router.infers_as_trained else 2  # else one copy routed each way
+    inputs = {k: torch.cat([v] * copies) for k, v in batch.items() if k in ("input_ids", "attention_mask", "prompt_mask")}
+    labels = torch.cat([batch["labels"]] * copies)
+    with sparse_then_dense(moe.router, rows) if copies == 2 else contextlib.nullcontext():
+        out = moe(**inputs, labels=labels if "prompt_mask" not in batch else None)
     logits = out.logits[:, :-1]
-    targets = torch.cat([labels, labels])[:, 1:]
+    targets = labels[:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
     sums = losses.sum(dim=1)
-    return {"loss": sums[:rows], "dense": sums[rows:], "tokens": (targets[:rows] != IGNORE_INDEX).sum(dim=1),
+    return {"loss": sums[:rows], "dense": sums[-rows:], "tokens": (targets[:rows] != IGNORE_INDEX).sum(dim=1),
             "gates": out.routing_weights[:rows].float().mean(dim=1)}
 
 

@@ -23,9 +23,9 @@ def evaluate(accelerator, model, loaders: dict, num_experts: int) -> dict:
     loaders (accelerator=None: one process); gather_for_metrics drops the padding samples
     of the last uneven batch.
 
-    `loss` routes as inference does (sparse top-k); `dense_loss` routes the same batches
-    with training's dense gates. A large gap means top-k inference is not the function
-    that was trained (README: "dense training vs. sparse eval")."""
+    `loss` routes as inference does; `dense_loss` routes the same batches with training's
+    gates (noise off). They are one number unless gating is dense_train_top_k_eval, whose
+    top-k inference is not the function that trained: a large gap says so."""
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
     unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
     was_training = model.training
@@ -38,9 +38,11 @@ def evaluate(accelerator, model, loaders: dict, num_experts: int) -> dict:
             batch = dict(batch)
             out = model(**batch)
             loss, count = per_example_loss(out.logits, batch["labels"])
-            router.train()  # dense gates, everything else still in eval mode (no dropout)
-            dense, _ = per_example_loss(model(**batch).logits, batch["labels"])
-            router.eval()
+            dense = loss
+            if not router.infers_as_trained:
+                router.train()  # training's gates, everything else still in eval mode (no dropout)
+                dense, _ = per_example_loss(model(**batch).logits, batch["labels"])
+                router.eval()
             gates = out.routing_weights.float().mean(dim=1)
             loss, dense, count, gates = gather((loss, dense, count, gates))
             loss_sum += loss.double().sum().item()

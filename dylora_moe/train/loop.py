@@ -21,7 +21,7 @@ import torch
 from ..data import build_datasets, load_examples
 from ..data.collate import IGNORE_INDEX
 from ..model.inject import find_targets
-from . import build, growth, identity, preflight
+from . import build, growth, identity, preflight, router_init
 from .checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume, share
 from .config import RunConfig
 from .evaluate import evaluate
@@ -142,6 +142,9 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     moe = build.build_moe(cfg, base)
     cfg.moe = moe.config  # one object: growth updates the model's config, which the loop and portable copies read
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
+    if resume_from is None and cfg.moe.router_init == "kmeans":
+        # Before prepare: DeepSpeed's fp32 master copy must start from these rows.
+        router_init.init_router_from_data(moe, bundle.train, tokenizer, cfg, accelerator)
 
     cpu_offload = deepspeed and _offloads_optimizer(accelerator)
     optimizer = build.build_optimizer(moe, cfg, cpu_offload=cpu_offload)
@@ -248,7 +251,7 @@ class Loop:
         self.params = self.moe.trainable_parameters()
         self.routing = RoutingStats(cfg.moe.num_experts, len(sources), accelerator.device)
         self.started = time.perf_counter()
-        self.tokens_since_log = 0
+        self.tokens_since_log = self.steps_since_log = 0
         t = cfg.train
         self.freezer = ExpertFreezer(self.moe, t.freeze_mature_experts)
         self.novelty = NoveltyMonitor(sources, t.novelty_threshold, t.novelty_window, t.max_experts,
@@ -301,6 +304,7 @@ class Loop:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.state.step += 1
+        self.steps_since_log += 1
         self._experts_after_step()
         if not with_details:
             return None
@@ -365,13 +369,14 @@ class Loop:
             "total_loss": lm + self.cfg.moe.balance_coefficient * balance,
             "lr": lr, "grad_norm": grad_norm, "expert_grad_norm": norms,
             "tokens_per_s": sums[3].item() / max(elapsed, 1e-9), "memory_gib": _memory_gib(),
+            "seconds_per_step": elapsed / max(self.steps_since_log, 1),
             "nonfinite_skipped": self.state.nonfinite_total, **routing,
             "gate_mean_by_source": dict(zip(self.sources, routing["gate_mean_by_source"])),
             "num_experts": self.moe.config.num_experts, **self._expert_state(),
         }
         self.state.tokens_seen += int(sums[3].item())
         self.routing = RoutingStats(self.cfg.moe.num_experts, len(self.sources), acc.device)
-        self.started, self.tokens_since_log = time.perf_counter(), 0
+        self.started, self.tokens_since_log, self.steps_since_log = time.perf_counter(), 0, 0
         return record
 
     def _expert_state(self) -> dict:
