@@ -193,3 +193,31 @@ def test_a_grown_expert_changes_nothing_under_sparse_gatings(gating):
         moe.add_expert("copy:0")
         after = moe(**batch).logits
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+def test_health_warns_about_dead_experts_and_a_routed_gap_with_the_numbers():
+    from dylora_moe.eval.health import routing_warnings
+
+    healthy = {"a": {"loss": 1.0, "dense_loss": 1.0, "gate_mean": [0.5, 0.3, 0.2]},
+               "b": {"loss": 2.0, "dense_loss": 1.95, "gate_mean": [0.2, 0.3, 0.5]}}
+    assert routing_warnings(healthy) == []
+    sick = {"a": {"loss": 1.3, "dense_loss": 1.0, "gate_mean": [0.995, 0.005, 0.0]},
+            "b": {"loss": 2.0, "dense_loss": 2.0, "gate_mean": [0.99, 0.01, 0.0]}}
+    dead, gap = routing_warnings(sick)
+    assert dead.startswith("expert(s) [1, 2] take under 1% of routing") and "usage [0.992, 0.007, 0.0]" in dead
+    assert gap.startswith("a: the routed loss 1.3000 is 1.30x the training mixture's 1.0000")
+
+
+def test_report_prints_the_routing_warnings(tmp_path, capsys):
+    from dylora_moe.eval.report import write_report
+
+    step = {"step": 1, "epoch": 0, "loss": 1.0, "balance_loss": 0.1, "lr": 0.01, "tokens_per_s": 10.0,
+            "memory_gib": 0.1, "router_entropy": 0.5, "gate_mean": [1.0, 0.0], "usage_top1": [1.0, 0.0]}
+    evaluation = {"step": 1, "eval": {"s": {"loss": 3.0, "dense_loss": 1.0, "perplexity": 20.0,
+                                            "gate_mean": [1.0, 0.0]}}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(step) + "\n" + json.dumps(evaluation) + "\n")
+    out = write_report(tmp_path)
+    err = capsys.readouterr().err
+    assert "warning: expert(s) [1] take under 1% of routing" in err
+    assert "warning: s: the routed loss 3.0000 is 3.00x" in err
+    assert "**Warning:** expert(s) [1]" in (out / "report.md").read_text()

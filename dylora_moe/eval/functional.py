@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .health import routing_warnings
 from .prompts import FORMATS, check_format, humaneval_task, mbpp_task
 from .prompts import Task  # noqa: F401  (the eval task type, importable beside load_tasks)
 from .samples import SampleStore, settings_key
@@ -278,6 +279,10 @@ def main(argv=None) -> int:
             summary["loss"] = source_losses(loaded, recipe)
             for name, r in summary["loss"].items():
                 print(f"{name}: loss {r['loss']:.4f} perplexity {r['perplexity']:.2f} (dense {r['dense_loss']:.4f})")
+            validation = {k.rsplit("/", 1)[0]: v for k, v in summary["loss"].items() if k.endswith("/validation")}
+            summary["warnings"] = routing_warnings(validation)
+            for warning in summary["warnings"]:
+                print(f"warning: {warning}", file=sys.stderr)
         for name in names:
             tasks = load_tasks(name, recipe, args.limit, formats[name])
             rows = evaluate_functional(loaded, tasks, out / name, decoding, ks, args.compare, limits, f"{name} ",

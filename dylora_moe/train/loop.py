@@ -20,6 +20,7 @@ import torch
 
 from ..data import build_datasets, load_examples
 from ..data.collate import IGNORE_INDEX
+from ..eval.health import routing_warnings
 from ..model.inject import find_targets
 from . import build, growth, identity, preflight, router_init
 from .checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume, share
@@ -432,8 +433,10 @@ def run_eval(accelerator, model, loaders, state, cfg, metrics, run_dir) -> bool:
         save_usage_heatmap({k: v["gate_mean"] for k, v in results.items()}, plots / f"usage-step{state.step}.png",
                            f"expert usage by source, step {state.step}")
         logger.info("eval step %d: %s", state.step, ", ".join(
-            f"{k} loss {v['loss']:.4f} (dense {v['dense_loss']:.4f}) usage {[round(g, 2) for g in v['gate_mean']]}"
+            f"{k} loss {v['loss']:.4f} (training's gates {v['dense_loss']:.4f}) usage {[round(g, 2) for g in v['gate_mean']]}"
             for k, v in results.items()))
+        for warning in routing_warnings(results):
+            logger.warning("eval step %d: %s", state.step, warning)
     patience = cfg.train.early_stopping_patience
     if mean_loss < state.best_eval:
         state.best_eval, state.evals_without_improvement = mean_loss, 0

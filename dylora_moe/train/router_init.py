@@ -42,7 +42,8 @@ def init_router_from_data(moe, dataset, tokenizer, cfg, accelerator) -> list[int
 
 
 def _training_features(moe, dataset, tokenizer, cfg, accelerator) -> torch.Tensor:
-    rows = dataset.select(range(min(len(dataset), SAMPLE_ROWS))).select_columns(["input_ids", "prompt_len"])
+    rows = dataset.select(range(min(len(dataset), SAMPLE_ROWS)))
+    rows = rows.select_columns(["input_ids", "prompt_len", "source_id"])
     loader = DataLoader(rows, batch_size=cfg.train.eval_batch_size, collate_fn=DataCollator(tokenizer.pad_token_id))
     was_training = moe.training
     moe.eval()  # no dropout; the routing features do not depend on the experts
