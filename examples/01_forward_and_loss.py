@@ -10,7 +10,7 @@ from dylora_moe.model.tiny import random_causal_lm, tiny_config
 
 # Any Hugging Face causal LM works; a random Gemma-shaped one needs no download.
 base = random_causal_lm(tiny_config("gemma", vocab_size=256, hidden_size=64, num_layers=2))
-moe = DyLoRAMoE(base, MoEConfig(num_experts=4, lora_r=8, temperature=0.5))
+moe = DyLoRAMoE(base, MoEConfig(num_experts=4, lora_r=8))  # gating "dense": every expert, weighted
 
 # Two rows: a 6-token prompt, then a 4-token answer. Labels are -100 on the prompt,
 # so the loss counts the answer only, and sequence routing pools the prompt only.
@@ -19,7 +19,7 @@ input_ids = torch.randint(3, 256, (2, 10))
 labels = input_ids.clone()
 labels[:, :6] = -100
 
-moe.train()  # training routes dense: every expert and the router get gradients
+moe.train()  # every expert and the router get gradients
 out = moe(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
 out.loss.backward()  # loss = lm_loss + balance_coefficient * balance_loss
 
@@ -35,7 +35,13 @@ print(f"trainable parameters: {trainable} (experts + router); frozen base parame
 layer = next(iter(moe.experts.values()))
 print("one stacked layer:", layer)
 
-moe.eval()  # inference routes sparse: exactly top_k non-zero gates per row
+moe.eval()  # inference routes exactly as training did (dropout aside)
 with torch.no_grad():
-    sparse = moe(input_ids=input_ids, labels=labels).routing_weights
-print("eval gates of row 0:", sparse[0, 0].tolist())
+    inferred = moe(input_ids=input_ids, labels=labels).routing_weights
+print("eval gates equal training gates:", torch.equal(inferred, out.routing_weights.detach()))
+
+# Sparse routing, also the same in training and inference: top-1 at weight p_i (Switch).
+sparse = DyLoRAMoE(random_causal_lm(base.config), MoEConfig(num_experts=4, lora_r=8, gating="top_k", top_k=1)).eval()
+with torch.no_grad():
+    gates = sparse(input_ids=input_ids, labels=labels).routing_weights
+print("top_k gating, non-zero gates per row:", (gates > 0).sum(-1).flatten().tolist())

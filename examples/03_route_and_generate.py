@@ -1,7 +1,8 @@
 """Generation: routed by the prompt, or with the gates forced (one expert, a uniform mix, no experts).
 
 `generate` is Hugging Face's, with the KV cache. With sequence routing the router runs
-once on the prompt, in eval mode (sparse top-k), and those gates serve every new token.
+once on the prompt, in eval mode, and those gates serve every new token. This mixture routes
+hard top-1 (gating "straight_through"), so the routed generation is one expert's.
 `override_gates` and `experts_disabled` are what `dylora-moe generate --expert i /
 --uniform / --base` use.
 """
@@ -11,7 +12,7 @@ from dylora_moe import DyLoRAMoE, MoEConfig
 from dylora_moe.model.tiny import random_causal_lm, tiny_config
 
 base = random_causal_lm(tiny_config("llama", vocab_size=256, hidden_size=64, num_layers=2))
-moe = DyLoRAMoE(base, MoEConfig(num_experts=3, lora_r=4, top_k=1)).eval()
+moe = DyLoRAMoE(base, MoEConfig(num_experts=3, lora_r=4, gating="straight_through", top_k=1)).eval()
 
 # A fresh mixture has B = 0: every expert is still the base. Give the experts random
 # weights so that they differ, as trained ones do.
@@ -28,7 +29,7 @@ def new_tokens(ids):
     return ids[0, prompt.shape[1]:].tolist()
 
 
-# What the router picks for this prompt (eval mode: top-1, so one gate is 1).
+# What the router picks for this prompt (hard top-1: one gate is 1).
 with torch.no_grad():
     gates = moe(input_ids=prompt).routing_weights[0, 0]
 chosen = int(gates.argmax())

@@ -71,6 +71,18 @@ def load_tasks(name: str, recipe, limit: int | None = None, fmt: str = "instruct
     return tasks[:limit] if limit else tasks
 
 
+def contamination_warnings(recipe, names) -> list[str]:
+    """MBPP pass@k is scored on the official test split (11-510); a run that trained on
+    MBPP with the random split has seen some of those tasks."""
+    if recipe is None or "mbpp" not in names or recipe.data.mbpp_split == "official":
+        return []
+    if not any(source.name == "mbpp" for source in recipe.data.sources):
+        return []
+    return [f"this run trained on MBPP with data.mbpp_split={recipe.data.mbpp_split!r}, which draws from the "
+            "official test tasks 11-510 that mbpp pass@k is scored on: the number is contaminated; retrain "
+            "with data.mbpp_split: official for one comparable with published results"]
+
+
 VARIANTS_HELP = "mixture (routed), expert-i, uniform, base"
 
 
@@ -281,8 +293,9 @@ def main(argv=None) -> int:
                 print(f"{name}: loss {r['loss']:.4f} perplexity {r['perplexity']:.2f} (dense {r['dense_loss']:.4f})")
             validation = {k.rsplit("/", 1)[0]: v for k, v in summary["loss"].items() if k.endswith("/validation")}
             summary["warnings"] = routing_warnings(validation)
-            for warning in summary["warnings"]:
-                print(f"warning: {warning}", file=sys.stderr)
+        summary["warnings"] = summary.get("warnings", []) + contamination_warnings(recipe, names)
+        for warning in summary["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
         for name in names:
             tasks = load_tasks(name, recipe, args.limit, formats[name])
             rows = evaluate_functional(loaded, tasks, out / name, decoding, ks, args.compare, limits, f"{name} ",
