@@ -45,6 +45,9 @@ VARIANTS = {
                "--balance_coefficient", "0.01"],
     "dense": DENSE,  # the shipped default
     "dense+kmeans": DENSE + ["--router_init", "kmeans"],
+    # the control: the same mixture with the router flattened to uniform gates (a temperature
+    # of 1e6), which is one LoRA of rank E*r in disguise; what "dense" gains on it is routing
+    "uniform": DENSE + ["--temperature", "1000000"],
     "top1-noisy": ["--gating", "top_k", *SPARSE],
     "straight-through-noisy": ["--gating", "straight_through", *SPARSE],
     "lora-Er": ["--num_experts", "1", "--lora_r", str(EXPERTS * RANK)],

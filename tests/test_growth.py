@@ -38,7 +38,7 @@ def test_growth_leaves_logits_unchanged(init, mixture, routing):
 
 
 def test_eval_logits_unchanged_while_routing_is_dense():
-    """An immature expert keeps eval routing dense (DESIGN §3), so compare dense with dense."""
+    """An immature expert keeps eval routing dense (dense_train_top_k_eval), so compare dense with dense."""
     moe = make_moe(num_experts=3, experts_mature=False)
     randomize_experts(moe)
     moe.eval()

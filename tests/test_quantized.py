@@ -89,7 +89,7 @@ def test_4bit_gradients_equal_the_dequantized_reference_after_an_eval_pass(tmp_p
     batch, prompt = make_batch()
     q.eval()
     with torch.no_grad():
-        q(**batch, prompt_mask=prompt)  # the pass that used to repack the weights
+        q(**batch, prompt_mask=prompt)  # an eval pass: where bitsandbytes would repack the weights
     for moe in mixtures:
         moe.train()
         moe(**batch, prompt_mask=prompt).loss.backward()

@@ -58,7 +58,7 @@ def command(mode: str, args: list[str]) -> list[str]:
 def run(mode: str, args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     e = env(tmp)
     if mode == "ddp2":
-        e["ACCELERATE_USE_CPU"] = "true"  # --multi_gpu on CPU = DDP over gloo (FIELD-NOTES)
+        e["ACCELERATE_USE_CPU"] = "true"  # --multi_gpu on CPU = DDP over gloo (a MULTI_CPU config starts one process)
     return subprocess.run(command(mode, args), cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 

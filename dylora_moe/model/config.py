@@ -48,7 +48,7 @@ class MoEConfig:
     # the vocabulary has >= 32k tokens, sized by it (loss.auto_chunk_tokens: 1048 tokens at
     # 256k), 0 = off (plain loss over full logits).
     loss_chunk_tokens: Optional[int] = None
-    # Maturity of the initial experts. Experts added later (#8) start immature, and any
+    # Maturity of the initial experts. Experts added by growth start immature, and any
     # immature expert keeps eval routing dense.
     experts_mature: bool = True
     # Optimizer steps of its own after which an immature expert (one added by growth, or

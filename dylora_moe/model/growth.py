@@ -1,4 +1,4 @@
-"""Growing and pruning the experts of a DyLoRAMoE in place (#8).
+"""Growing and pruning the experts of a DyLoRAMoE in place.
 
 Every per-expert tensor stacks its experts along one axis: lora_A (E*r x in) by rows,
 lora_B (out x E*r) by columns, the router's gate (E x hidden) and its per-expert buffers

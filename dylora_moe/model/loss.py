@@ -64,7 +64,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(states_i @ weight.T, target_i), one chunk of rows at a time,
     with the gradients computed in the forward while each chunk's logits are at hand.
 
-    Why not autograd with each chunk checkpointed (this project's first version): the
+    Why not autograd with each chunk checkpointed: the
     backward then recomputes every chunk's logits, a third LM-head matmul (about a tenth
     of a CodeGemma-2B step's FLOPs at 1k tokens per row), and walks the fp32 logits
     several more times. Here each chunk costs two matmuls (logits, then the gradient of

@@ -5,7 +5,7 @@
     moe.generate(input_ids, max_new_tokens=64)
 
 One forward = (optionally) a no-grad routing pass with the experts off, the router, and
-ONE base forward in which every stacked layer applies all experts at once (DESIGN §2).
+ONE base forward in which every stacked layer applies all experts at once (docs/design.md).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ class DyLoRAMoE(nn.Module):
             state[f"router.{name}"] = getattr(self.router, name)
         return state
 
-    # ------------------------------------------------------------------ dynamic experts (#8)
+    # ------------------------------------------------------------------ dynamic experts
     def add_expert(self, init: str = "zeros", note: Optional[dict] = None) -> int:
         """Widen every stacked layer and the router by one expert; returns its index.
         It joins immature, with admission 0, so the outputs are unchanged at this moment
@@ -340,7 +340,7 @@ class DyLoRAMoE(nn.Module):
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs).logits
 
     def _mixed_logits(self, input_ids, attention_mask, gates, base_kwargs):
-        """The original algorithm, kept as the reference: one full pass per expert with
+        """The reference algorithm: one full pass per expert with
         one-hot gates, logits weighted by the router."""
         if self.training and _checkpointing(self.base_model):
             raise ValueError("MoEConfig.mixture='logits' cannot be combined with gradient checkpointing "
@@ -476,8 +476,7 @@ class DyLoRAMoE(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint the base's layers. Non-reentrant on purpose: the reentrant variant
-        runs the forward under no_grad, cutting the gradient to experts and router (the
-        original project disabled checkpointing for that reason)."""
+        runs the forward under no_grad, cutting the gradient to experts and router."""
         kwargs = {"use_reentrant": False}
         if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
             self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -509,6 +508,6 @@ def is_expert_key(key: str) -> bool:
 
 
 def is_optional_key(key: str) -> bool:
-    """Router state a model saved before dynamic experts (#8) lacks; loading keeps the defaults."""
+    """Router state a model saved without dynamic experts or k-means init lacks; loading keeps the defaults."""
     owner, _, name = key.rpartition(".")
     return name in OPTIONAL_BUFFERS and owner.endswith("router")

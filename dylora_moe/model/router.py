@@ -23,7 +23,7 @@ class DynamicHybridRouter(nn.Module):
         # Per-expert maturity: any immature expert (e.g. one just added) keeps routing
         # dense even in eval, so it is never starved by top-k before it has learnt.
         self.register_buffer("expert_maturity", torch.full((num_experts,), mature, dtype=torch.bool))
-        # Dynamic experts (#8), all saved with the model: optimizer steps each expert has
+        # Dynamic experts, all saved with the model: optimizer steps each expert has
         # trained; its admission a in [0, 1], a prior on its gate (softmax(logits/T + log a)),
         # 0 for an expert just added so the mixture is unchanged at that moment, rising to 1
         # as it matures; and the novelty library: per expert, the mean pooled embedding of
@@ -152,7 +152,7 @@ def spherical_kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 
     return centroids, (points @ centroids.T).argmax(dim=1)
 
 
-# Router buffers a model saved before #8 lacks; loading keeps their defaults (above).
+# Router buffers a model saved without dynamic experts or k-means init lacks; loading keeps their defaults.
 OPTIONAL_BUFFERS = ("expert_steps", "expert_admission", "expert_centroids", "centroid_counts", "feature_center")
 
 
@@ -215,7 +215,7 @@ def balance_loss(gates: torch.Tensor, unit_mask: torch.Tensor | None, kind: str 
 
     gates: (B, U, E) with U = 1 (sequence), S (packed segments) or T (tokens);
     unit_mask: (B, U) which units are real, ignored when U = 1.
-    "mse": MSE(mean gate per expert, 1/E), the original's. "switch": E * sum_e f_e * P_e
+    "mse": MSE(mean gate per expert, 1/E). "switch": E * sum_e f_e * P_e
     (Switch Transformer), f = share of units whose top expert is e, P = mean gate.
     """
     num_experts = gates.shape[-1]
