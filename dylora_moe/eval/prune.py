@@ -25,13 +25,13 @@ def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[fl
     """(usage per expert over all validation examples, usage per source)."""
     from ..data import build_datasets, load_examples
     from ..train.build import build_loaders
-    from ..train.evaluate import evaluate
+    from .losses import evaluate_losses
 
     bundle = build_datasets(recipe.data, tokenizer, load_examples(recipe.data))
     _, loaders = build_loaders(recipe, bundle, tokenizer)
     if not loaders:
         raise ValueError("the run's recipe has no validation data to measure expert usage on")
-    results = evaluate(None, moe, loaders, moe.config.num_experts)
+    results = evaluate_losses(moe, loaders, moe.config.num_experts)
     rows = {name: len(bundle.validation[name]) for name in results}
     total = torch.zeros(moe.config.num_experts, dtype=torch.float64)
     for name, result in results.items():

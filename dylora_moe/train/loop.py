@@ -21,11 +21,11 @@ import torch
 from ..data import build_datasets, load_examples
 from ..data.collate import IGNORE_INDEX
 from ..eval.health import routing_warnings
+from ..eval.losses import evaluate_losses
 from ..model.inject import find_targets
 from . import build, growth, identity, preflight, router_init
 from .checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume, share
 from .config import RunConfig
-from .evaluate import evaluate
 from .maturity import ExpertFreezer
 from .monitor import MetricsLog, RoutingStats, expert_grad_norms, save_usage_heatmap
 from .novelty import NoveltyMonitor
@@ -424,7 +424,7 @@ def run_eval(accelerator, model, loaders, state, cfg, metrics, run_dir) -> bool:
     """Evaluate, log, plot; True when early stopping says stop."""
     if not loaders:
         return False
-    results = evaluate(accelerator, model, loaders, cfg.moe.num_experts)
+    results = evaluate_losses(model, loaders, cfg.moe.num_experts, accelerator)
     mean_loss = sum(r["loss"] for r in results.values()) / len(results)
     metrics.log({"step": state.step, "eval": results, "eval_loss": mean_loss}, state.step)
     if accelerator.is_main_process:
