@@ -275,14 +275,13 @@ def main(argv=None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         names, formats, ks, decoding, limits = checked(args)
-        from ..train.config import load_recipe
         from .isolation import detect
         from .loading import load_run
         from .losses import source_losses
 
         loaded = load_run(args.run, base_model=args.base_model)
         _set_threads(loaded, args.threads)
-        recipe = load_recipe(str(loaded.source / "recipe.yaml")) if (loaded.source / "recipe.yaml").is_file() else None
+        recipe = loaded.recipe
         out = Path(args.out) if args.out else Path(args.run) / "eval"
         summary = {"experts": str(loaded.source), "weights_sha256": loaded.weights_sha256,
                    "decoding": asdict(decoding), "timeout_s": limits.timeout_s, "prompt_format": formats,

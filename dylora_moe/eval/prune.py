@@ -41,7 +41,6 @@ def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[fl
 
 def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     """Measure, prune, write; returns the summary also written as prune.json."""
-    from ..train.config import load_recipe
     from ..train.loop import write_portable
     from .loading import load_run, local_base
 
@@ -49,10 +48,10 @@ def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     if out.exists():  # checked before anything loads
         raise ValueError(f"{out} already exists: choose another --output (prune never overwrites)")
     loaded = load_run(run, base_model=base_model)
-    recipe_path = loaded.source / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"{recipe_path}: missing; prune measures usage on the run's validation data")
-    recipe = load_recipe(str(recipe_path))
+    recipe = loaded.recipe
+    if recipe is None:
+        raise FileNotFoundError(f"{loaded.source / 'recipe.yaml'}: missing; prune measures usage on the run's "
+                                "validation data")
     moe = loaded.moe
     usage, by_source = expert_usage(moe, recipe, loaded.tokenizer)
     drop = [i for i, u in enumerate(usage) if u < threshold]

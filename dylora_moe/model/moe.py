@@ -32,7 +32,7 @@ from .layer import GateSlot
 from .loss import IGNORE_INDEX, auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
 from .peft_io import export_expert
 from .quantized import keep_trainable_through
-from .router import (OPTIONAL_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
+from .router import (OPTIONAL_BUFFERS, PER_EXPERT_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
                      packed_prefixes, segment_mean, segment_validity)
 
 CONFIG_FILE = "moe_config.json"
@@ -106,7 +106,7 @@ class DyLoRAMoE(nn.Module):
             state[f"{name}.lora_B"] = layer.lora_B
         state["router.gate.weight"] = self.router.gate.weight
         state["router.feature_center"] = self.router.feature_center
-        for name in growth.ROUTER_STATE:  # maturity, steps, admission, novelty library
+        for name in PER_EXPERT_BUFFERS:  # maturity, steps, admission, novelty library
             state[f"router.{name}"] = getattr(self.router, name)
         return state
 

@@ -152,8 +152,11 @@ def spherical_kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 
     return centroids, (points @ centroids.T).argmax(dim=1)
 
 
-# Router buffers a model saved without dynamic experts or k-means init lacks; loading keeps their defaults.
-OPTIONAL_BUFFERS = ("expert_steps", "expert_admission", "expert_centroids", "centroid_counts", "feature_center")
+# The router's per-expert buffers (an entry or row per expert, saved with the model);
+# growth and pruning slice them with the experts (model/growth.py).
+PER_EXPERT_BUFFERS = ("expert_maturity", "expert_steps", "expert_admission", "expert_centroids", "centroid_counts")
+# Buffers a model saved without dynamic experts or k-means init lacks; loading keeps their defaults.
+OPTIONAL_BUFFERS = PER_EXPERT_BUFFERS[1:] + ("feature_center",)
 
 
 def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
