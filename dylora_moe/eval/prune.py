@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import guarded
+
 
 def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[float]]]:
     """(usage per expert over all validation examples, usage per source)."""
@@ -82,6 +84,10 @@ def _rounded(values) -> list[float]:
 
 
 def main(argv=None) -> int:
+    return guarded(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="dylora-moe prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a run dir, one of its checkpoints, or a portable folder")
@@ -89,15 +95,10 @@ def main(argv=None) -> int:
                         help="remove experts whose mean gate over the validation set is below this (default 0.02)")
     parser.add_argument("--output", help="the new model folder (default: RUN-pruned); must not exist")
     parser.add_argument("--base_model", help="the base model, if not the run's own")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
-        print(f"error: --threshold {args.threshold}: expected a number in (0, 1)", file=sys.stderr)
-        return 2
-    try:
-        summary = prune_run(args.run, args.threshold, args.output, args.base_model)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--threshold {args.threshold}: expected a number in (0, 1)")
+    summary = prune_run(args.run, args.threshold, args.output, args.base_model)
     print(f"usage {_rounded(summary['usage'])}: pruned {summary['pruned'] or 'none'}, kept {summary['kept']} "
           f"-> {summary['num_experts']} experts in {summary['output']}")
     return 0

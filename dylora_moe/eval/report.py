@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import guarded
 from .health import routing_warnings
 
 
@@ -107,14 +108,14 @@ def _markdown(run_dir, train, evals) -> str:
 
 
 def main(argv=None) -> int:
+    return guarded(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="dylora-moe report", description=__doc__)
     p.add_argument("run_dir")
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        out = write_report(args.run_dir, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    out = write_report(args.run_dir, args.out)
     print(f"report: {out / 'report.md'} (+ loss.png, usage_by_source.png, entropy.png)")
     return 0
