@@ -1,18 +1,18 @@
-"""What `dylora-moe eval` costs per sample, before and after batching, in one run.
+"""What `dylora-moe eval` costs per sample, one prompt at a time and batched, in one run.
 
     dylora-moe train --config configs/demo.yaml --output_dir runs/demo    # once, ~1 min
     python bench/bench_eval.py runs/demo                                  # ~2-3 min on 2 cores
 
 Sample = one completion generated and executed. Measured on the same tasks, with the
-same decoding (the README's `--n 5 --temperature 0.8`), for the routed mixture and
+same decoding (`--n 5 --temperature 0.8`, as docs/evaluation.md), for the routed mixture and
 the base (which, untrained, writes until max_new_tokens):
-  generate, one at a time   the previous path: one prompt and one sample per generate()
-                            call, plus a forward for the gates; with torch's default
-                            threads (as before) and with one (to tell batching apart)
+  generate, one at a time   one prompt and one sample per generate() call, plus a
+                            forward for the gates; with torch's default threads and
+                            with one (to tell batching apart from threading)
   generate, batched         --batch_size prompts per call, n samples each
                             (num_return_sequences), one torch thread on CPU
-  execute, new interpreter  a bare Python per program, no isolation (the previous sandbox
-                            started two per program, plus namespaces)
+  execute, new interpreter  a bare Python per program, no isolation (the floor for
+                            any sandbox that starts a process per program)
   execute, sandbox          the sandbox: a forked process per program, isolated
 Ratios are within this run, so a busy machine slows both sides alike.
 """

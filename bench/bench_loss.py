@@ -1,7 +1,7 @@
 """The LM loss alone: time and peak memory of its forward + backward, for the plain loss
-(whole logits), the chunked loss this project first shipped (each chunk checkpointed, so
-the backward recomputes its logits) and the chunked loss it ships now (the gradient of
-each chunk computed in the forward: model/loss.py), interleaved in one run.
+(whole logits), the chunked loss with each chunk checkpointed (so the backward recomputes
+its logits) and the fused chunked loss the model uses (the gradient of each chunk computed
+in the forward: model/loss.py), interleaved in one run.
 
     python bench/bench_loss.py                         # CPU, 512 tokens, 256k vocabulary, ~1 min
     python bench/bench_loss.py --shape codegemma-2b    # GPU, bf16, 4 x 1024 tokens, hidden 2048

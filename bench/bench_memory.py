@@ -1,4 +1,4 @@
-"""Memory and throughput of one training step under the memory-saving settings (#7):
+"""Memory and throughput of one training step under the memory-saving settings:
 base precision (bf16 or NF4 4-bit), gradient checkpointing, chunked LM loss, at E=4 and 8.
 
     python bench/bench_memory.py                        # CPU, small shape, fp32 vs 4-bit (~2 min)
@@ -220,7 +220,7 @@ def mfu(base_params: int, tokens_per_s: float, routed_fraction: float = 0.0) -> 
     input gradients only: the base is frozen, so no weight gradients), against the
     dense bf16 peak. Attention's sequence-length term and the experts are left out.
     `routed_fraction`: tokens the no-grad routing pass (router_input=base_hidden) runs
-    per trained token; it adds 2N each. The issue's MFU goal counts 4N only."""
+    per trained token; it adds 2N each. The MFU goal (docs/benchmarks.md) counts 4N only."""
     return (4 + 2 * routed_fraction) * base_params * tokens_per_s / (PEAK_BF16_TFLOPS * 1e12)
 
 

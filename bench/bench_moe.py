@@ -1,5 +1,5 @@
-"""Throughput and memory of one training step: plain PEFT LoRA (the floor), the original
-N-pass loop (mixture="logits") and stacked experts (mixture="deltas") with each router
+"""Throughput and memory of one training step: plain PEFT LoRA (the floor), the
+pass-per-expert reference (mixture="logits") and stacked experts (mixture="deltas") with each router
 input, for E in {1, 2, 4, 8}, all on the same batch in the same run.
 
     python bench/bench_moe.py                          # CPU, small shape, ~1 min

@@ -2,7 +2,7 @@
 packed rows, router on the input embeddings (no extra pass) vs on a no-grad base pass
 (`router_input=base_hidden`, the recipes' default). For packed rows that pass runs on each
 example's prompt only (`packed_prefixes`); the "whole rows" variant runs it on every token
-of the row, as the first packed version did, for comparison in the same run.
+of the row, for comparison in the same run.
 
     python bench/bench_routing.py                         # CPU, small shape, ~1 min
     python bench/bench_routing.py --shape codegemma-2b    # GPU, bf16, 1024-token rows

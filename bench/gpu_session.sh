@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure the README reports, in one run, most wanted first, inside a time
+# Every GPU figure of docs/benchmarks.md, in one run, most wanted first, inside a time
 # budget: a borrowed GPU (a lent H100/H200, a spot VM) gives minutes, not hours.
 #
 #   bash bench/gpu_session.sh OUT_DIR [BUDGET_S]      # default budget 540 s
@@ -47,7 +47,7 @@ step profile-compiled-b16 120 profile_step.py --shape "$shape" --compile --batch
     --out "$out/profile-compiled-b16.json"
 # 3. What the base_hidden routing pass costs on padded and packed instruction-like rows.
 step routing 90 bench_routing.py --shape "$shape" --examples 16 --rounds 2 --out "$out/routing.json"
-# 4. The README's tables: stacked experts vs PEFT and the loop; the memory settings.
+# 4. The benchmark tables: stacked experts vs PEFT and the loop; the memory settings.
 step moe 200 bench_moe.py --shape "$shape" --experts 1,4,8 --skip_logits_above 4 --steps 3 \
     --out "$out/moe.json"
 step memory 300 bench_memory.py --shape "$shape" --bases "$bases" --compile --steps 5 \

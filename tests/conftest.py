@@ -55,21 +55,20 @@ def batch():
     return make_batch()
 
 
-def shared_data_dir():
-    """The real reference files: $DYLORA_DATA_DIR, else ../shared/data beside the repo."""
-    from pathlib import Path
-
-    env = os.environ.get("DYLORA_DATA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return path if path.is_dir() else None
-
-
 @pytest.fixture
 def shared_file():
+    """A real reference file (MBPP, Code Alpaca) from $DYLORA_DATA_DIR, which CI sets
+    (.ci/run). Unset: the test is skipped, saying why (pytest -ra lists it). Set but the
+    file is not there: the test fails, so a broken CI setup cannot pass by skipping."""
+    from pathlib import Path
+
     def find(name):
-        root = shared_data_dir()
-        if root is None or not (root / name).is_file():
-            pytest.skip(f"reference data {name} not found (set DYLORA_DATA_DIR)")
-        return root / name
+        root = os.environ.get("DYLORA_DATA_DIR")
+        if not root:
+            pytest.skip(f"reference data {name}: set DYLORA_DATA_DIR to the folder holding it")
+        path = Path(root) / name
+        if not path.is_file():
+            pytest.fail(f"reference data {name}: not in DYLORA_DATA_DIR={root}")
+        return path
 
     return find

@@ -70,8 +70,8 @@ def test_overlong_counts_are_logged(caplog, tokenizer):
 
 
 def test_validation_text_is_exactly_what_was_formatted(shared_file, tokenizer):
-    """The original pipeline inserted a newline between every character of the eval
-    text; here decode(tokens) must give back the formatted prompt + answer."""
+    """A pipeline that joins a string's characters would insert a newline between each
+    one; decode(tokens) must give back the formatted prompt + answer."""
     cfg = DataConfig(sources=DEMO + [{"name": "code_alpaca", "path": str(shared_file("code_alpaca_2k.json"))}])
     examples = load_examples(cfg)
     bundle = build_datasets(cfg, tokenizer, examples)

@@ -37,7 +37,9 @@ def test_generate_routes_forces_and_disables_experts(trained, capsys):
     loaded = load_run(trained)
     prompt = "### Instruction:\nWrite a function add_3(xs).\n\n### Response:\n"
     _, routed = generate_text(loaded, prompt, max_new_tokens=5)
-    assert sum(g > 0 for g in routed) == loaded.moe.config.top_k and abs(sum(routed) - 1) < 1e-5
+    config = loaded.moe.config
+    assert sum(g > 0 for g in routed) == (config.num_experts if config.gating == "dense" else config.top_k)
+    assert abs(sum(routed) - 1) < 1e-5
     _, forced = generate_text(loaded, prompt, max_new_tokens=5, expert=2)
     assert forced == [0.0, 0.0, 1.0, 0.0]
     _, uniform = generate_text(loaded, prompt, max_new_tokens=5, uniform=True)

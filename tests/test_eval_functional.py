@@ -159,3 +159,16 @@ def test_bench_measures_one_at_a_time_and_batched_generation(specialised, tmp_pa
     assert [r["variant"] for r in report["generation"]] == ["mixture", "base"]
     assert all(r["one_at_a_time_samples_per_s"] > 0 and r["batched_samples_per_s"] > 0 for r in report["generation"])
     assert report["execution"]["programs"] == 2 * 2 * 2 and report["execution"]["sandbox_programs_per_s"] > 0
+
+
+def test_mbpp_pass_at_k_of_a_run_trained_on_the_random_split_is_flagged_contaminated():
+    from dylora_moe.eval.functional import contamination_warnings
+    from dylora_moe.train.config import load_recipe
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "codegemma-2b.yaml")
+    clean = load_recipe(recipe, [])
+    assert clean.data.mbpp_split == "official" and contamination_warnings(clean, ["mbpp"]) == []
+    mixed = load_recipe(recipe, ["--mbpp_split", "random"])
+    (warning,) = contamination_warnings(mixed, ["mbpp", "humaneval"])
+    assert "mbpp_split='random'" in warning and "contaminated" in warning
+    assert contamination_warnings(mixed, ["humaneval"]) == []

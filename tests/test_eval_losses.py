@@ -1,12 +1,46 @@
-"""`eval`'s loss per source: the same numbers as training's evaluation (top-k and dense),
-from one forward per batch instead of two."""
+"""Validation loss per source (eval/losses.py, used by training's eval, `eval` and `prune`):
+the numbers two plain forwards give (routed, and with training's gates), from one forward
+per batch."""
+import math
+
 import pytest
 import torch
 from conftest import VOCAB, make_moe, randomize_experts
 
 from dylora_moe.data import DataCollator
 from dylora_moe.eval.losses import evaluate_losses
-from dylora_moe.train.evaluate import evaluate
+import torch.nn.functional as F
+
+
+def evaluate(accelerator, moe, loaders, num_experts):
+    """The reference: per batch, one forward as inference routes and one with the router
+    in training mode, each with its own cross-entropy."""
+    assert accelerator is None
+    moe.eval()
+    out = {}
+    with torch.no_grad():
+        for source, batches in loaders.items():
+            loss = dense = tokens = rows = 0.0
+            gates = torch.zeros(num_experts, dtype=torch.float64)
+            for batch in batches:
+                labels = batch["labels"][:, 1:]
+                mask = labels != -100
+                routed = moe(**batch)
+
+                def summed(logits):
+                    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
+                                         reduction="none")
+                    return float((ce * mask).sum())
+                loss += summed(routed.logits)
+                moe.router.train()
+                dense += summed(moe(**batch).logits)
+                moe.router.eval()
+                tokens += int(mask.sum())
+                gates += routed.routing_weights.double().mean(dim=1).sum(dim=0)
+                rows += batch["input_ids"].shape[0]
+            out[source] = {"loss": loss / tokens, "dense_loss": dense / tokens, "tokens": tokens,
+                           "perplexity": math.exp(loss / tokens), "gate_mean": (gates / rows).tolist()}
+    return out
 
 
 def loader(seed=0, rows=10, batch_size=4):
@@ -23,7 +57,8 @@ def loader(seed=0, rows=10, batch_size=4):
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 @pytest.mark.parametrize("mixture", ["deltas", "logits"])
 def test_one_forward_gives_trainings_top_k_and_dense_losses(routing, mixture):
-    moe = make_moe("llama", num_experts=4, routing=routing, mixture=mixture, top_k=1, temperature=0.3)
+    moe = make_moe("llama", num_experts=4, routing=routing, mixture=mixture, top_k=1, temperature=0.3,
+                   gating="dense_train_top_k_eval")
     randomize_experts(moe, scale=1.0)
     loaders = {"a": loader(0), "b": loader(1)}
     calls = []
@@ -43,3 +78,20 @@ def test_one_forward_gives_trainings_top_k_and_dense_losses(routing, mixture):
     passes = 4 if mixture == "logits" else 1  # the reference mixture runs one pass per expert
     assert ours_calls == batches * passes and len(calls) == 2 * batches * passes
     assert moe.router.forward.__func__ is type(moe.router).forward  # the router is itself again
+
+
+@pytest.mark.parametrize("gating", ["dense", "top_k", "straight_through"])
+def test_a_gating_that_infers_as_it_trains_needs_one_pass_and_has_no_gap(gating):
+    moe = make_moe("llama", num_experts=4, top_k=1, gating=gating, temperature=0.3)
+    randomize_experts(moe, scale=1.0)
+    loaders = {"a": loader(0)}
+    calls = []
+    hook = moe.base_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    ours = evaluate_losses(moe, loaders, 4)
+    ours_calls = len(calls)
+    calls.clear()
+    theirs = evaluate(None, moe, loaders, 4)
+    hook.remove()
+    assert ours["a"]["loss"] == ours["a"]["dense_loss"] == pytest.approx(theirs["a"]["loss"], rel=1e-6)
+    assert theirs["a"]["dense_loss"] == pytest.approx(theirs["a"]["loss"], rel=1e-6)  # training's gates: the same
+    assert ours_calls == len(loaders["a"]) and len(calls) == 2 * len(loaders["a"])  # one base pass per batch

@@ -67,15 +67,16 @@ def test_one_hot_routing_matches_logits_mode_and_peft(arch, tmp_path):
         assert not torch.allclose(base_logits, got, atol=1e-3)
 
 
+@pytest.mark.parametrize("gating", ["dense_train_top_k_eval", "straight_through"])
 @pytest.mark.parametrize("router_input", ["embeddings", "base_hidden"])
-def test_router_top1_in_eval_matches_logits_mode(router_input):
+def test_router_top1_in_eval_matches_logits_mode(router_input, gating):
     """With the real router (not an override): eval top-1 gates are one-hot per sequence,
     so the stacked pass equals the per-expert reference loop. (Not so per token: there a
     token's attention reads earlier tokens computed by *their* experts in one pass, by
     the same expert in each reference pass.)"""
-    deltas = make_moe(num_experts=4, router_input=router_input)
+    deltas = make_moe(num_experts=4, router_input=router_input, gating=gating)
     randomize_experts(deltas)
-    reference = make_moe(num_experts=4, router_input=router_input, mixture="logits")
+    reference = make_moe(num_experts=4, router_input=router_input, mixture="logits", gating=gating)
     reference.load_expert_state(deltas.expert_state_dict())
     deltas.eval(), reference.eval()
     batch, _ = make_batch()

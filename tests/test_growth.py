@@ -38,7 +38,7 @@ def test_growth_leaves_logits_unchanged(init, mixture, routing):
 
 
 def test_eval_logits_unchanged_while_routing_is_dense():
-    """An immature expert keeps eval routing dense (DESIGN §3), so compare dense with dense."""
+    """An immature expert keeps eval routing dense (dense_train_top_k_eval), so compare dense with dense."""
     moe = make_moe(num_experts=3, experts_mature=False)
     randomize_experts(moe)
     moe.eval()
@@ -77,7 +77,7 @@ def test_new_expert_weights_follow_the_init():
 
 
 def test_admission_ramps_and_the_expert_matures_after_its_own_steps():
-    moe = make_moe(num_experts=2, maturity_steps=4, top_k=1)
+    moe = make_moe(num_experts=2, maturity_steps=4, top_k=1, gating="dense_train_top_k_eval")
     moe.add_expert("zeros")
     batch, _ = make_batch()
     moe.eval()

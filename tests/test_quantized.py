@@ -5,7 +5,7 @@ import torch
 from conftest import VOCAB, make_batch
 from trainrun import losses
 from dylora_moe import DyLoRAMoE, MoEConfig
-from dylora_moe.model.quantized import is_quantized, quantization_config, quantized_layers
+from dylora_moe.model.quantized import quantization_config, quantized_layers
 from dylora_moe.model.tiny import random_causal_lm, tiny_config
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -89,7 +89,7 @@ def test_4bit_gradients_equal_the_dequantized_reference_after_an_eval_pass(tmp_p
     batch, prompt = make_batch()
     q.eval()
     with torch.no_grad():
-        q(**batch, prompt_mask=prompt)  # the pass that used to repack the weights
+        q(**batch, prompt_mask=prompt)  # an eval pass: where bitsandbytes would repack the weights
     for moe in mixtures:
         moe.train()
         moe(**batch, prompt_mask=prompt).loss.backward()
@@ -129,7 +129,7 @@ def test_recipe_trains_on_a_4bit_base_and_eval_reloads_it(tmp_path):
     assert sorted(per_step) == list(range(1, 11))
     assert per_step[10] < per_step[1] - 0.5, per_step
     loaded = load_run(tmp_path / "run")
-    assert is_quantized(loaded.moe.base_model)  # evaluated on the base it was trained against
+    assert quantized_layers(loaded.moe.base_model)  # evaluated on the base it was trained against
 
 
 def test_both_quantizations_is_a_config_error():

@@ -1,4 +1,5 @@
-"""Router behaviour: prompt-only pooling, dense in training, sparse top-k in eval, maturity."""
+"""Router behaviour: prompt-only pooling, dense_train_top_k_eval (dense in training, sparse top-k in
+eval), maturity, balance losses. The other gatings: tests/test_gating.py."""
 import pytest
 import torch
 from conftest import VOCAB, make_batch, make_moe
@@ -44,8 +45,8 @@ def test_left_padding_values_do_not_matter(router_input):
 
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_eval_is_sparse_top_k_and_training_is_dense(routing, top_k):
-    moe = make_moe(num_experts=4, top_k=top_k, routing=routing)
+def test_dense_train_top_k_eval_is_sparse_in_eval_and_dense_in_training(routing, top_k):
+    moe = make_moe(num_experts=4, top_k=top_k, routing=routing, gating="dense_train_top_k_eval")
     batch, prompt = make_batch()
     moe.eval()
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_eval_is_sparse_top_k_and_training_is_dense(routing, top_k):
 
 
 def test_immature_expert_keeps_eval_routing_dense():
-    moe = make_moe(num_experts=4, top_k=1)
+    moe = make_moe(num_experts=4, top_k=1, gating="dense_train_top_k_eval")
     moe.eval()
     batch, _ = make_batch()
     assert ((moe(**batch).routing_weights > 0).sum(-1) == 1).all()

@@ -256,6 +256,7 @@ def sharding_message(step: int) -> str:
     ("zero3", ["--load_in_8bit"], "model.load_in_8bit cannot be sharded under zero3"),
     ("fsdp2", ["--load_in_8bit"], "model.load_in_8bit cannot be sharded under fsdp2"),
     ("fsdp1", [], "fsdp_version 1 is not supported"),
+    ("zero3", ["--router_init", "kmeans"], "moe.router_init='kmeans' cannot run under ZeRO-3"),
 ])
 def test_what_a_sharded_base_refuses_is_one_line(backend, overrides, message):
     """The checks the loop makes before any data is read (train/sharding.py)."""

@@ -67,7 +67,7 @@ def test_early_stopping_after_patience(tmp_path, monkeypatch, fresh_accelerate):
     import dylora_moe.train.loop as loop
 
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {"demo:numbers": {
+    monkeypatch.setattr(loop, "evaluate_losses", lambda *a, **k: {"demo:numbers": {
         "loss": next(losses), "dense_loss": 0.1, "perplexity": 1.0, "tokens": 1, "gate_mean": [0.25] * 4}})
     summary = loop.train(recipe(tmp_path, "--max_steps", "20", "--eval_every", "1", "--early_stopping_patience", "2"))
     assert summary["step"] == 4  # evals at 1 (1.0), 2 (0.5 best), 3, 4: two without improvement

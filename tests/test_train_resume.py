@@ -7,9 +7,16 @@ from dylora_moe.train.preemption import EXIT_PREEMPTED
 STEPS = 24
 
 
-@pytest.mark.parametrize("mode", ["ddp2", "zero2_2", "offload_1", "offload_2"])
-def test_sigterm_then_auto_resume_matches_an_uninterrupted_run_bitwise(mode, tmp_path):
-    args = SMALL + ["--max_steps", str(STEPS), "--eval_every", "8", "--save_every", "8"]
+# The demo recipe routes dense; one DDP case trains with the sparse straight-through
+# gating, Gumbel noise (drawn from the RNG a resume restores per rank) and a k-means init.
+NOISY = ["--gating", "straight_through", "--router_noise", "1.0", "--router_init", "kmeans"]
+
+
+@pytest.mark.parametrize("mode,extra", [("ddp2", []), ("zero2_2", []), ("offload_1", []), ("offload_2", []),
+                                        ("ddp2", NOISY)], ids=["ddp2", "zero2_2", "offload_1", "offload_2",
+                                                               "ddp2-noisy-kmeans"])
+def test_sigterm_then_auto_resume_matches_an_uninterrupted_run_bitwise(mode, extra, tmp_path):
+    args = SMALL + ["--max_steps", str(STEPS), "--eval_every", "8", "--save_every", "8", *extra]
     straight = tmp_path / "straight"
     done = run(mode, args + ["--output_dir", str(straight)], tmp_path)
     assert done.returncode == 0, explain(done)

@@ -71,7 +71,8 @@ def command(mode: str, args: list[str]) -> list[str]:
 def run(mode: str, args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     e = env(tmp)
     if mode in CPU_MODES:
-        e["ACCELERATE_USE_CPU"] = "true"  # --multi_gpu on CPU = DDP over gloo; FSDP over gloo
+        # --multi_gpu on CPU = DDP over gloo (a MULTI_CPU config starts one process); FSDP over gloo
+        e["ACCELERATE_USE_CPU"] = "true"
     return subprocess.run(command(mode, args), cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 

@@ -13,13 +13,11 @@ class DataCollator:
     EOS keep their ids. prompt_mask: True on prompt tokens, which sequence routing pools.
     """
 
-    def __init__(self, pad_token_id: int, train_on_prompt: bool = False, pad_to_multiple_of: int | None = None):
-        self.pad_token_id, self.train_on_prompt, self.multiple = pad_token_id, train_on_prompt, pad_to_multiple_of
+    def __init__(self, pad_token_id: int, train_on_prompt: bool = False):
+        self.pad_token_id, self.train_on_prompt = pad_token_id, train_on_prompt
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
-        if self.multiple:
-            width = -(-width // self.multiple) * self.multiple
         n = len(rows)
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.long)

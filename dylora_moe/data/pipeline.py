@@ -16,7 +16,6 @@ from .splits import subset
 from .tokenize import tokenize_examples
 
 logger = logging.getLogger(__name__)
-EVAL_SPLITS = ("validation", "test")
 
 
 @dataclass

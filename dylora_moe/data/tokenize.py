@@ -2,7 +2,7 @@
 
 A token row is {"input_ids", "prompt_len", "source_id", "id"}: labels and masks are made
 by the collator from `prompt_len` and the row length, never from token values, so an
-EOS that equals the pad token keeps its label (a bug of the original pipeline).
+EOS that equals the pad token keeps its label (masking by token value would drop it).
 """
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import guarded
+from .health import routing_warnings
 from .prompts import FORMATS, check_format, humaneval_task, mbpp_task
 from .prompts import Task  # noqa: F401  (the eval task type, importable beside load_tasks)
 from .samples import SampleStore, settings_key
@@ -68,6 +70,18 @@ def load_tasks(name: str, recipe, limit: int | None = None, fmt: str = "instruct
         split = "test" if name == "mbpp" else "validation"  # MBPP: the official 11-510
         tasks = [mbpp_task(ex, fmt) for splits in load_examples(cfg).values() for ex in splits.get(split, [])]
     return tasks[:limit] if limit else tasks
+
+
+def contamination_warnings(recipe, names) -> list[str]:
+    """MBPP pass@k is scored on the official test split (11-510); a run that trained on
+    MBPP with the random split has seen some of those tasks."""
+    if recipe is None or "mbpp" not in names or recipe.data.mbpp_split == "official":
+        return []
+    if not any(source.name == "mbpp" for source in recipe.data.sources):
+        return []
+    return [f"this run trained on MBPP with data.mbpp_split={recipe.data.mbpp_split!r}, which draws from the "
+            "official test tasks 11-510 that mbpp pass@k is scored on: the number is contaminated; retrain "
+            "with data.mbpp_split: official for one comparable with published results"]
 
 
 VARIANTS_HELP = "mixture (routed), expert-i, uniform, base"
@@ -259,34 +273,38 @@ def prompt_formats(spec: str, names: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        names, formats, ks, decoding, limits = checked(args)
-        from ..train.config import load_recipe
-        from .isolation import detect
-        from .loading import load_run
-        from .losses import source_losses
+    return guarded(_main, list(sys.argv[1:] if argv is None else argv))
 
-        loaded = load_run(args.run, base_model=args.base_model)
-        _set_threads(loaded, args.threads)
-        recipe = load_recipe(str(loaded.source / "recipe.yaml")) if (loaded.source / "recipe.yaml").is_file() else None
-        out = Path(args.out) if args.out else Path(args.run) / "eval"
-        summary = {"experts": str(loaded.source), "weights_sha256": loaded.weights_sha256,
-                   "decoding": asdict(decoding), "timeout_s": limits.timeout_s, "prompt_format": formats,
-                   "sandbox": detect().describe(), "functional": {}}
-        if not args.no_loss and recipe is not None:
-            summary["loss"] = source_losses(loaded, recipe)
-            for name, r in summary["loss"].items():
-                print(f"{name}: loss {r['loss']:.4f} perplexity {r['perplexity']:.2f} (dense {r['dense_loss']:.4f})")
-        for name in names:
-            tasks = load_tasks(name, recipe, args.limit, formats[name])
-            rows = evaluate_functional(loaded, tasks, out / name, decoding, ks, args.compare, limits, f"{name} ",
-                                       args.batch_size, name)
-            summary["functional"][name] = rows
-            print(f"\n## {name} (prompt format: {formats[name]})\n\n" + markdown_table(rows))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(argv) -> int:
+    args = parse_args(argv)
+    names, formats, ks, decoding, limits = checked(args)
+    from .isolation import detect
+    from .loading import load_run
+    from .losses import source_losses
+
+    loaded = load_run(args.run, base_model=args.base_model)
+    _set_threads(loaded, args.threads)
+    recipe = loaded.recipe
+    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    summary = {"experts": str(loaded.source), "weights_sha256": loaded.weights_sha256,
+               "decoding": asdict(decoding), "timeout_s": limits.timeout_s, "prompt_format": formats,
+               "sandbox": detect().describe(), "functional": {}}
+    if not args.no_loss and recipe is not None:
+        summary["loss"] = source_losses(loaded, recipe)
+        for name, r in summary["loss"].items():
+            print(f"{name}: loss {r['loss']:.4f} perplexity {r['perplexity']:.2f} (training's gates {r['dense_loss']:.4f})")
+        validation = {k.rsplit("/", 1)[0]: v for k, v in summary["loss"].items() if k.endswith("/validation")}
+        summary["warnings"] = routing_warnings(validation)
+    summary["warnings"] = summary.get("warnings", []) + contamination_warnings(recipe, names)
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    for name in names:
+        tasks = load_tasks(name, recipe, args.limit, formats[name])
+        rows = evaluate_functional(loaded, tasks, out / name, decoding, ks, args.compare, limits, f"{name} ",
+                                   args.batch_size, name)
+        summary["functional"][name] = rows
+        print(f"\n## {name} (prompt format: {formats[name]})\n\n" + markdown_table(rows))
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"results: {out}/summary.json and {out}/<tasks>/samples.jsonl")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import guarded
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dylora-moe generate", description=__doc__,
@@ -166,22 +168,22 @@ def generate_text(loaded, prompt: str, max_new_tokens=256, temperature=0.0, top_
 
 
 def main(argv=None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    return guarded(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
+    args = parse_args(argv)
     from ..data.formatting import alpaca_prompt
     from .loading import load_run
 
-    try:
-        check_decoding(args.max_new_tokens, args.temperature, args.top_p)
-        loaded = load_run(args.run, base_model=args.base_model)
-        torch.manual_seed(args.seed)
-        prompt = args.prompt if args.raw else alpaca_prompt(args.prompt)
-        text, gates = generate_text(loaded, prompt, args.max_new_tokens, args.temperature, args.top_p, args.stop,
-                                    args.expert, args.uniform, args.base)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_decoding(args.max_new_tokens, args.temperature, args.top_p)
+    loaded = load_run(args.run, base_model=args.base_model)
+    torch.manual_seed(args.seed)
+    prompt = args.prompt if args.raw else alpaca_prompt(args.prompt)
+    text, gates = generate_text(loaded, prompt, args.max_new_tokens, args.temperature, args.top_p, args.stop,
+                                args.expert, args.uniform, args.base)
     label = "base" if args.base else "uniform" if args.uniform else f"expert {args.expert}" if args.expert is not None \
-        else f"routed (top-{loaded.moe.config.top_k})"
+        else f"routed (gating {loaded.moe.config.gating})"
     gates_text = "-" if gates is None else "[" + " ".join(f"{g:.2f}" for g in gates) + "]"
     print(f"# {label}; gates {gates_text}; experts {loaded.source} sha256 {loaded.weights_sha256[:12]}", file=sys.stderr)
     print(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ..model import DyLoRAMoE
 
@@ -15,6 +16,7 @@ class Loaded:
     tokenizer: object
     source: Path          # the portable folder the experts came from
     weights_sha256: str   # hash of exactly the expert + router weights loaded
+    recipe: Optional[object] = None  # the RunConfig saved with the experts (None if the folder has none)
 
 
 def portable_dir(path) -> Path:
@@ -50,7 +52,7 @@ def load_run(path, base_model=None, dtype=None) -> Loaded:
                                                           **_quantization_kwargs(recipe, dtype or torch.float32))
     moe = DyLoRAMoE.from_pretrained(base_model, src / "experts")
     tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
-    return Loaded(moe=moe.eval(), tokenizer=tokenizer, source=src, weights_sha256=weights_hash(moe))
+    return Loaded(moe=moe.eval(), tokenizer=tokenizer, source=src, weights_sha256=weights_hash(moe), recipe=recipe)
 
 
 def _quantization_kwargs(recipe, compute_dtype) -> dict:

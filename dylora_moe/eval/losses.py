@@ -1,8 +1,9 @@
-"""Loss and perplexity per source for `dylora-moe eval`, in ONE forward per batch.
+"""Validation loss and perplexity per source, and expert usage per source: training's
+eval (train/loop.py), `dylora-moe eval` and `prune` all use these, in one forward per batch.
 
-`loss` routes as inference does (sparse top-k); `dense_loss` routes the same rows with
-training's dense gates (README: "dense training vs. sparse eval"). Both come from one
-forward over the batch stacked twice, whose router returns the sparse gates for the first
+`loss` routes as inference does; `dense_loss` routes the same rows with training's gates.
+They are the same number unless gating is dense_train_top_k_eval; then both come from one
+forward over the batch stacked twice, whose router returns the top-k gates for the first
 copy and the dense ones for the second, and one cross-entropy over the result.
 """
 from __future__ import annotations
@@ -11,9 +12,8 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..model.loss import IGNORE_INDEX
+from ..model.loss import per_row_loss
 
 
 @contextlib.contextmanager
@@ -40,42 +40,48 @@ def sparse_then_dense(router, rows: int):
 
 
 @torch.no_grad()
-def batch_losses(moe, batch: dict) -> dict:
-    """Summed next-token loss per row (sparse and dense), label-token counts and mean gates."""
+def batch_losses(model, router, batch: dict) -> dict:
+    """Summed next-token loss per row (routed, and with training's gates), label-token
+    counts and mean gates, for a model in eval mode (`model` may be the prepared wrapper)."""
     rows = batch["input_ids"].shape[0]
-    twice = {k: torch.cat([v, v]) for k, v in batch.items() if k in ("input_ids", "attention_mask", "prompt_mask")}
-    labels = batch["labels"]
-    with sparse_then_dense(moe.router, rows):
-        out = moe(**twice, labels=torch.cat([labels, labels]) if "prompt_mask" not in batch else None)
-    logits = out.logits[:, :-1]
-    targets = torch.cat([labels, labels])[:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    sums = losses.sum(dim=1)
-    return {"loss": sums[:rows], "dense": sums[rows:], "tokens": (targets[:rows] != IGNORE_INDEX).sum(dim=1),
+    copies = 1 if router.infers_as_trained else 2  # else one copy routed each way
+    inputs = {k: torch.cat([v] * copies) for k, v in batch.items() if k in ("input_ids", "attention_mask", "prompt_mask")}
+    labels = torch.cat([batch["labels"]] * copies)
+    with sparse_then_dense(router, rows) if copies == 2 else contextlib.nullcontext():
+        out = model(**inputs, labels=labels if "prompt_mask" not in batch else None)
+    sums, tokens = per_row_loss(out.logits, labels)
+    return {"loss": sums[:rows], "dense": sums[-rows:], "tokens": tokens[:rows],
             "gates": out.routing_weights[:rows].float().mean(dim=1)}
 
 
-def evaluate_losses(moe, loaders: dict, num_experts: int) -> dict:
-    """{source: {loss, perplexity, tokens, dense_loss, gate_mean}}, as training's eval reports."""
-    was_training = moe.training
-    moe.eval()
+def evaluate_losses(model, loaders: dict, num_experts: int, accelerator=None) -> dict:
+    """{source: {loss, perplexity, tokens, dense_loss, gate_mean}} over each source's
+    loader. `loss` routes as inference does; `dense_loss` with training's gates (a large
+    gap: inference is not the function that trained, see eval/health.py). With an
+    accelerator the loaders are sharded and the sums gathered from every rank
+    (gather_for_metrics drops the padding rows of an uneven last batch)."""
+    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda x: x)
+    router = (accelerator.unwrap_model(model) if accelerator is not None else model).router
+    was_training = model.training
+    model.eval()
     results = {}
     try:
         for source, loader in loaders.items():
             loss, dense, tokens = 0.0, 0.0, 0
             gates, rows = torch.zeros(num_experts, dtype=torch.float64), 0
             for batch in loader:
-                b = batch_losses(moe, dict(batch))
-                loss += b["loss"].double().sum().item()
-                dense += b["dense"].double().sum().item()
-                tokens += int(b["tokens"].sum())
-                gates += b["gates"].double().sum(dim=0)
-                rows += b["gates"].shape[0]
+                b = batch_losses(model, router, dict(batch))
+                row_loss, row_dense, row_tokens, row_gates = gather((b["loss"], b["dense"], b["tokens"], b["gates"]))
+                loss += row_loss.double().sum().item()
+                dense += row_dense.double().sum().item()
+                tokens += int(row_tokens.sum())
+                gates += row_gates.double().sum(dim=0).cpu()
+                rows += row_gates.shape[0]
             mean = loss / max(tokens, 1)
             results[source] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens,
                                "dense_loss": dense / max(tokens, 1), "gate_mean": (gates / max(rows, 1)).tolist()}
     finally:
-        moe.train(was_training)
+        model.train(was_training)
     return results
 
 

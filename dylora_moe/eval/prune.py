@@ -20,18 +20,20 @@ from pathlib import Path
 
 import torch
 
+from ..errors import guarded
+
 
 def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[float]]]:
     """(usage per expert over all validation examples, usage per source)."""
     from ..data import build_datasets, load_examples
     from ..train.build import build_loaders
-    from ..train.evaluate import evaluate
+    from .losses import evaluate_losses
 
     bundle = build_datasets(recipe.data, tokenizer, load_examples(recipe.data))
     _, loaders = build_loaders(recipe, bundle, tokenizer)
     if not loaders:
         raise ValueError("the run's recipe has no validation data to measure expert usage on")
-    results = evaluate(None, moe, loaders, moe.config.num_experts)
+    results = evaluate_losses(moe, loaders, moe.config.num_experts)
     rows = {name: len(bundle.validation[name]) for name in results}
     total = torch.zeros(moe.config.num_experts, dtype=torch.float64)
     for name, result in results.items():
@@ -41,7 +43,6 @@ def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[fl
 
 def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     """Measure, prune, write; returns the summary also written as prune.json."""
-    from ..train.config import load_recipe
     from ..train.loop import write_portable
     from .loading import load_run, local_base
 
@@ -49,10 +50,10 @@ def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     if out.exists():  # checked before anything loads
         raise ValueError(f"{out} already exists: choose another --output (prune never overwrites)")
     loaded = load_run(run, base_model=base_model)
-    recipe_path = loaded.source / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"{recipe_path}: missing; prune measures usage on the run's validation data")
-    recipe = load_recipe(str(recipe_path))
+    recipe = loaded.recipe
+    if recipe is None:
+        raise FileNotFoundError(f"{loaded.source / 'recipe.yaml'}: missing; prune measures usage on the run's "
+                                "validation data")
     moe = loaded.moe
     usage, by_source = expert_usage(moe, recipe, loaded.tokenizer)
     drop = [i for i, u in enumerate(usage) if u < threshold]
@@ -83,6 +84,10 @@ def _rounded(values) -> list[float]:
 
 
 def main(argv=None) -> int:
+    return guarded(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(prog="dylora-moe prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a run dir, one of its checkpoints, or a portable folder")
@@ -90,15 +95,10 @@ def main(argv=None) -> int:
                         help="remove experts whose mean gate over the validation set is below this (default 0.02)")
     parser.add_argument("--output", help="the new model folder (default: RUN-pruned); must not exist")
     parser.add_argument("--base_model", help="the base model, if not the run's own")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
-        print(f"error: --threshold {args.threshold}: expected a number in (0, 1)", file=sys.stderr)
-        return 2
-    try:
-        summary = prune_run(args.run, args.threshold, args.output, args.base_model)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--threshold {args.threshold}: expected a number in (0, 1)")
+    summary = prune_run(args.run, args.threshold, args.output, args.base_model)
     print(f"usage {_rounded(summary['usage'])}: pruned {summary['pruned'] or 'none'}, kept {summary['kept']} "
           f"-> {summary['num_experts']} experts in {summary['output']}")
     return 0

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import guarded
+from .health import routing_warnings
+
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, eval records), the last record per step winning (a resumed run
@@ -47,7 +50,7 @@ def write_report(run_dir, out_dir=None) -> Path:
     sources = sorted({s for e in evals for s in e["eval"]})
     for source in sources:
         points = [(e["step"], e["eval"][source]["loss"]) for e in evals if source in e["eval"]]
-        ax.plot(*zip(*points), marker="o", label=f"eval {source} (top-k)")
+        ax.plot(*zip(*points), marker="o", label=f"eval {source} (routed)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
@@ -70,6 +73,8 @@ def write_report(run_dir, out_dir=None) -> Path:
         save_usage_heatmap({s: v["gate_mean"] for s, v in usage.items()}, out / "usage_by_source.png",
                            f"expert usage by source (eval, step {evals[-1]['step']})")
     (out / "report.md").write_text(_markdown(run_dir, train, evals))
+    for warning in routing_warnings(evals[-1]["eval"]) if evals else []:
+        print(f"warning: {warning}", file=sys.stderr)
     return out
 
 
@@ -84,15 +89,13 @@ def _markdown(run_dir, train, evals) -> str:
     if evals:
         final = evals[-1]
         lines += [f"## Evaluation at step {final['step']}", "",
-                  "| source | loss (top-k) | loss (dense) | perplexity | expert usage |", "|---|---|---|---|---|"]
+                  "| source | loss (routed) | loss (training's gates) | perplexity | expert usage |", "|---|---|---|---|---|"]
         for source, v in final["eval"].items():
             usage = " ".join(f"{g:.2f}" for g in v["gate_mean"])
             lines.append(f"| {source} | {v['loss']:.4f} | {v.get('dense_loss', float('nan')):.4f} | "
                          f"{v['perplexity']:.2f} | {usage} |")
         lines += ["", "![usage](usage_by_source.png)", ""]
-        if any(v["loss"] > 1.5 * v.get("dense_loss", v["loss"]) + 1e-6 for v in final["eval"].values()):
-            lines += ["Top-k routing loses noticeably against the dense mixture it was trained as; see the README "
-                      "section \"dense training vs. sparse eval\" (lower the temperature or raise top_k).", ""]
+        lines += [f"**Warning:** {w}" for w in routing_warnings(final["eval"])] + [""]
     lines += ["## Routing over time", "",
               f"Router entropy went from {train[0]['router_entropy']:.3f} to {last['router_entropy']:.3f} nats "
               f"(uniform over {len(last['gate_mean'])} experts: {__import__('math').log(len(last['gate_mean'])):.3f}).",
@@ -105,14 +108,14 @@ def _markdown(run_dir, train, evals) -> str:
 
 
 def main(argv=None) -> int:
+    return guarded(_main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="dylora-moe report", description=__doc__)
     p.add_argument("run_dir")
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        out = write_report(args.run_dir, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    out = write_report(args.run_dir, args.out)
     print(f"report: {out / 'report.md'} (+ loss.png, usage_by_source.png, entropy.png)")
     return 0

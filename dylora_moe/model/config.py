@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,6 +16,11 @@ ROUTER_INPUTS = ("base_hidden", "embeddings")
 ROUTINGS = ("sequence", "token")
 MIXTURES = ("deltas", "logits")
 BALANCE_LOSSES = ("mse", "switch")
+GATINGS = ("dense", "top_k", "straight_through", "dense_train_top_k_eval")
+ROUTER_INITS = ("normal", "kmeans")
+# A saved moe_config.json without `gating` was written before inference could route as
+# training does: it trained dense and inferred top-k.
+SAVED_WITHOUT_GATING = "dense_train_top_k_eval"
 
 # Attention projections found across common HF causal LMs (Llama/Gemma/Mistral/Phi:
 # q/k/v/o_proj; GPT-NeoX/Falcon/Bloom: query_key_value; GPT-2: c_attn, a Conv1D;
@@ -30,23 +36,47 @@ class MoEConfig:
     lora_dropout: float = 0.05
     target_modules: Optional[Sequence[str]] = None  # None = auto-detect (DEFAULT_TARGET_MODULES)
     top_k: int = 1
-    temperature: float = 2.0
+    temperature: float = 1.0
     router_input: str = "base_hidden"
     routing: str = "sequence"
     mixture: str = "deltas"
-    balance_coefficient: float = 0.01
-    balance_loss: str = "mse"  # "mse": MSE(mean gate, 1/E) (the original's); "switch": E * sum(f * P)
+    balance_coefficient: float = 0.1
+    # "switch": E * sum(f * P), f = share of units whose top expert is e, P = mean gate
+    # (Switch Transformer); "mse": MSE(mean gate, 1/E), which let experts die (bench_quality).
+    balance_loss: str = "switch"
     # Chunked LM loss in training (logits never whole): tokens per chunk; None = on when
     # the vocabulary has >= 32k tokens, sized by it (loss.auto_chunk_tokens: 1048 tokens at
     # 256k), 0 = off (plain loss over full logits).
     loss_chunk_tokens: Optional[int] = None
-    # Maturity of the initial experts. Experts added later (#8) start immature, and any
+    # Maturity of the initial experts. Experts added by growth start immature, and any
     # immature expert keeps eval routing dense.
     experts_mature: bool = True
     # Optimizer steps of its own after which an immature expert (one added by growth, or
     # any with experts_mature: false) matures; an added expert's admission ramps 0 -> 1
     # over the same steps (router.advance).
     maturity_steps: int = 100
+    # How the router's probabilities p = softmax(logits / temperature) weigh the experts
+    # (router.gate_weights). Every mode but the last routes inference exactly as it trains:
+    # "dense": all experts, weights p. The stacked layer computes every expert whatever the
+    #     gates are, so dense inference costs what top-1 costs.
+    # "top_k": the top_k experts; at top_k=1 weight p_i, not renormalised, so the router
+    #     learns through it (Switch Transformer); at top_k>=2 p renormalised over the kept
+    #     (Mixtral).
+    # "straight_through": the top_k experts at weight 1/top_k each; the backward pass takes
+    #     the gradient of p (straight-through estimator).
+    # "dense_train_top_k_eval": dense in training, top_k renormalised in inference: what
+    #     models saved without this field were trained with (kept for them and for the
+    #     benchmark; its inference is not the function that trained).
+    gating: str = "dense"
+    # Training only, top_k / straight_through: Gumbel noise of this scale on the logits
+    # before choosing the top_k (1.0 samples the choice from p), so experts the router
+    # ranks second still get data. Drawn from torch's RNG, which checkpoints restore.
+    router_noise: float = 0.0
+    # "normal": random rows (std 0.02). "kmeans": before the first step, each expert's row
+    # points at one k-means cluster of the routing features of a sample of training units
+    # (train/router_init.py), so experts start on different data, not on noise.
+    router_init: str = "normal"
+    router_init_scale: float = 2.0   # kmeans: logit of a unit at its centroid's mean distance
     extra: dict = field(default_factory=dict)  # free-form metadata carried through save/load
 
     def __post_init__(self):
@@ -69,6 +99,14 @@ class MoEConfig:
         need(self.routing in ROUTINGS, "routing", f"one of {ROUTINGS}")
         need(self.mixture in MIXTURES, "mixture", f"one of {MIXTURES}")
         need(self.balance_loss in BALANCE_LOSSES, "balance_loss", f"one of {BALANCE_LOSSES}")
+        need(self.gating in GATINGS, "gating", f"one of {GATINGS}")
+        need(_is_num(self.router_noise) and math.isfinite(self.router_noise) and self.router_noise >= 0,
+             "router_noise", "a finite number >= 0")
+        need(self.router_noise == 0 or self.gating in ("top_k", "straight_through"), "router_noise",
+             f"0 with gating={self.gating!r} (noise only chooses the experts of top_k / straight_through)")
+        need(self.router_init in ROUTER_INITS, "router_init", f"one of {ROUTER_INITS}")
+        need(_is_num(self.router_init_scale) and math.isfinite(self.router_init_scale) and self.router_init_scale > 0,
+             "router_init_scale", "a finite number > 0")
         need(self.loss_chunk_tokens is None or (_is_int(self.loss_chunk_tokens) and self.loss_chunk_tokens >= 0),
              "loss_chunk_tokens", "None, 0 or a positive integer")
         if self.target_modules is not None:
@@ -104,6 +142,7 @@ class MoEConfig:
             raise ValueError(f"{path}: expected a JSON MoEConfig ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data.setdefault("gating", SAVED_WITHOUT_GATING)
         return cls.from_dict(data, source=str(path))
 
 

@@ -1,4 +1,4 @@
-"""Growing and pruning the experts of a DyLoRAMoE in place (#8).
+"""Growing and pruning the experts of a DyLoRAMoE in place.
 
 Every per-expert tensor stacks its experts along one axis: lora_A (E*r x in) by rows,
 lora_B (out x E*r) by columns, the router's gate (E x hidden) and its per-expert buffers
@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-ROUTER_STATE = ("expert_maturity", "expert_steps", "expert_admission", "expert_centroids", "centroid_counts")
+from .router import PER_EXPERT_BUFFERS
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def expert_axes(moe) -> list[ExpertAxis]:
         axes.append(ExpertAxis(layer, "lora_B", 1, layer.r, lambda shape, g: torch.zeros(shape)))
     axes.append(ExpertAxis(moe.router.gate, "weight", 0, 1,
                            lambda shape, g: torch.empty(shape).normal_(0.0, 0.02, generator=g)))
-    axes += [ExpertAxis(moe.router, name, 0, 1) for name in ROUTER_STATE]
+    axes += [ExpertAxis(moe.router, name, 0, 1) for name in PER_EXPERT_BUFFERS]
     return axes
 
 

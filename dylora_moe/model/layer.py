@@ -6,7 +6,7 @@ and B = [B_1 ... B_E] (out x E*r). With gates g (batch, 1 or T, E):
     y = W x + (alpha / r) * B · ((A · dropout(x)) ⊙ repeat_each(g, r))
 
 i.e. one LoRA of rank E*r with the gate applied in the middle: every expert is served by
-the same base call and two small matmuls (DESIGN §2). The base layer is only *called*,
+the same base call and two small matmuls (docs/design.md). The base layer is only *called*,
 never read, so nn.Linear, GPT-2's Conv1D and bitsandbytes 4/8-bit layers all work.
 """
 from __future__ import annotations

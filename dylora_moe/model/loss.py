@@ -40,6 +40,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return total / denominator, count
 
 
+def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token cross-entropy summed over each row's label tokens, their count per row):
+    validation adds these up across batches and ranks before dividing."""
+    shift_labels = labels[:, 1:].to(logits.device)
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shift_labels, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
+
+
 def chunked_causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
                            num_items_in_batch=None, chunk_tokens: int = 4096, softcap: float | None = None,
                            chunk_fn=None):
@@ -64,7 +73,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(states_i @ weight.T, target_i), one chunk of rows at a time,
     with the gradients computed in the forward while each chunk's logits are at hand.
 
-    Why not autograd with each chunk checkpointed (this project's first version): the
+    Why not autograd with each chunk checkpointed: the
     backward then recomputes every chunk's logits, a third LM-head matmul (about a tenth
     of a CodeGemma-2B step's FLOPs at 1k tokens per row), and walks the fp32 logits
     several more times. Here each chunk costs two matmuls (logits, then the gradient of

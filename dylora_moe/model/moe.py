@@ -5,7 +5,7 @@
     moe.generate(input_ids, max_new_tokens=64)
 
 One forward = (optionally) a no-grad routing pass with the experts off, the router, and
-ONE base forward in which every stacked layer applies all experts at once (DESIGN §2).
+ONE base forward in which every stacked layer applies all experts at once (docs/design.md).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .layer import GateSlot
 from .loss import IGNORE_INDEX, auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
 from .peft_io import export_expert
 from .quantized import keep_trainable_through
-from .router import (OPTIONAL_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
+from .router import (OPTIONAL_BUFFERS, PER_EXPERT_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
                      packed_prefixes, segment_mean, segment_validity)
 
 CONFIG_FILE = "moe_config.json"
@@ -63,7 +63,8 @@ class DyLoRAMoE(nn.Module):
         self.experts = inject_experts(base_model, self.config, self._slot)
         hidden = base_model.config.get_text_config().hidden_size
         self.router = DynamicHybridRouter(hidden, self.config.num_experts, self.config.top_k,
-                                          self.config.temperature, mature=self.config.experts_mature)
+                                          self.config.temperature, mature=self.config.experts_mature,
+                                          gating=self.config.gating, noise=self.config.router_noise)
         self.router.to(next(iter(self.experts.values())).lora_A.device)
         self._lora_r = self.config.lora_r
         self._gate_override: Optional[torch.Tensor] = None
@@ -104,11 +105,12 @@ class DyLoRAMoE(nn.Module):
             state[f"{name}.lora_A"] = layer.lora_A
             state[f"{name}.lora_B"] = layer.lora_B
         state["router.gate.weight"] = self.router.gate.weight
-        for name in growth.ROUTER_STATE:  # maturity, steps, admission, novelty library
+        state["router.feature_center"] = self.router.feature_center
+        for name in PER_EXPERT_BUFFERS:  # maturity, steps, admission, novelty library
             state[f"router.{name}"] = getattr(self.router, name)
         return state
 
-    # ------------------------------------------------------------------ dynamic experts (#8)
+    # ------------------------------------------------------------------ dynamic experts
     def add_expert(self, init: str = "zeros", note: Optional[dict] = None) -> int:
         """Widen every stacked layer and the router by one expert; returns its index.
         It joins immature, with admission 0, so the outputs are unchanged at this moment
@@ -205,13 +207,30 @@ class DyLoRAMoE(nn.Module):
             units = input_ids.shape[1]
         if self._gate_override is not None:
             return self._gate_override.to(input_ids.device).expand(input_ids.shape[0], units, -1)
+        return self.router(self.unit_features(input_ids, attention_mask, unit_mask, position_ids, cache, segment_ids))
+
+    def unit_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None,
+                      segment_ids=None) -> torch.Tensor:
+        """What the router sees: (B, 1, H) pooled per sequence, (B, S, H) per packed
+        segment, (B, T, H) per token."""
         if self.config.routing == "sequence" and segment_ids is not None:
-            return self.router(self.packed_routing_features(input_ids, unit_mask, position_ids, segment_ids, units))
+            units = int(segment_ids.max()) + 1
+            return self.packed_routing_features(input_ids, unit_mask, position_ids, segment_ids, units)
         features = self.routing_features(input_ids, attention_mask, unit_mask, position_ids, cache,
                                          truncate=segment_ids is None)
         if self.config.routing == "sequence":
-            features = masked_mean(features, unit_mask[:, : features.shape[1]])
-        return self.router(features)
+            return masked_mean(features, unit_mask[:, : features.shape[1]])
+        return features
+
+    @torch.no_grad()
+    def training_unit_features(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The routing features of every routed unit of an unpacked training batch, (N, H):
+        one row per sequence, or per attended token with token routing (router_init)."""
+        units = self.routing_mask(attention_mask, labels)
+        features = self.unit_features(input_ids, attention_mask, units)
+        if self.config.routing == "sequence":
+            return features.squeeze(1)
+        return features[units[:, : features.shape[1]]]
 
     def packed_routing_features(self, input_ids, unit_mask, position_ids, segment_ids, units):
         """Pooled features (B, S, H) of each packed segment. The base_hidden pass runs on
@@ -321,7 +340,7 @@ class DyLoRAMoE(nn.Module):
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs).logits
 
     def _mixed_logits(self, input_ids, attention_mask, gates, base_kwargs):
-        """The original algorithm, kept as the reference: one full pass per expert with
+        """The reference algorithm: one full pass per expert with
         one-hot gates, logits weighted by the router."""
         if self.training and _checkpointing(self.base_model):
             raise ValueError("MoEConfig.mixture='logits' cannot be combined with gradient checkpointing "
@@ -341,7 +360,7 @@ class DyLoRAMoE(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **gen_kwargs):
         """HF `generate` on the base model with the KV cache; the router runs on the prompt
         (sequence routing: gates then stay fixed) or on each new token (token routing),
-        always in eval mode, so sparse top-k."""
+        always in eval mode: the inference side of MoEConfig.gating."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         was_training = self.training
@@ -457,8 +476,7 @@ class DyLoRAMoE(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint the base's layers. Non-reentrant on purpose: the reentrant variant
-        runs the forward under no_grad, cutting the gradient to experts and router (the
-        original project disabled checkpointing for that reason)."""
+        runs the forward under no_grad, cutting the gradient to experts and router."""
         kwargs = {"use_reentrant": False}
         if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
             self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -490,6 +508,6 @@ def is_expert_key(key: str) -> bool:
 
 
 def is_optional_key(key: str) -> bool:
-    """Router state a model saved before dynamic experts (#8) lacks; loading keeps the defaults."""
+    """Router state a model saved without dynamic experts or k-means init lacks; loading keeps the defaults."""
     owner, _, name = key.rpartition(".")
     return name in OPTIONAL_BUFFERS and owner.endswith("router")

@@ -45,10 +45,6 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return bool(quantized_layers(model))
-
-
 def keep_trainable_through(model: nn.Module) -> None:
     """Make every 4-bit layer safe to backpropagate through, on every device.
 

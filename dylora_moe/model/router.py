@@ -1,4 +1,6 @@
-"""The router (DESIGN §3): a linear gate hidden -> E, dense while training, sparse in eval.
+"""The router: a linear gate hidden -> E over normalised routing features, and how its
+probabilities become the experts' gates (`gate_weights`, one function for training and
+inference).
 
 Pure functions for pooling and the balance loss live here too, so the wrapper only
 decides *what* to route on, not *how*.
@@ -11,16 +13,17 @@ from torch import nn
 
 
 class DynamicHybridRouter(nn.Module):
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1,
-                 temperature: float = 2.0, mature: bool = True):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int = 1, temperature: float = 1.0,
+                 mature: bool = True, gating: str = "dense", noise: float = 0.0):
         super().__init__()
         self.num_experts, self.top_k, self.temperature = num_experts, top_k, temperature
+        self.gating, self.noise = gating, noise
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
         # Per-expert maturity: any immature expert (e.g. one just added) keeps routing
         # dense even in eval, so it is never starved by top-k before it has learnt.
         self.register_buffer("expert_maturity", torch.full((num_experts,), mature, dtype=torch.bool))
-        # Dynamic experts (#8), all saved with the model: optimizer steps each expert has
+        # Dynamic experts, all saved with the model: optimizer steps each expert has
         # trained; its admission a in [0, 1], a prior on its gate (softmax(logits/T + log a)),
         # 0 for an expert just added so the mixture is unchanged at that moment, rising to 1
         # as it matures; and the novelty library: per expert, the mean pooled embedding of
@@ -29,10 +32,19 @@ class DynamicHybridRouter(nn.Module):
         self.register_buffer("expert_admission", torch.ones(num_experts))
         self.register_buffer("expert_centroids", torch.zeros(num_experts, hidden_size))
         self.register_buffer("centroid_counts", torch.zeros(num_experts, dtype=torch.long))
+        # Subtracted from the normalised features before the gate (zeros: none). A k-means
+        # init centres them on the training data, so the rows can point at clusters.
+        self.register_buffer("feature_center", torch.zeros(hidden_size))
 
     @property
     def sparse(self) -> bool:
+        """dense_train_top_k_eval only: top-k in eval once every expert is mature."""
         return not self.training and bool(self.expert_maturity.all())
+
+    @property
+    def infers_as_trained(self) -> bool:
+        """Whether eval-mode gates are the training gates (without training's noise)."""
+        return self.gating != "dense_train_top_k_eval" or not bool(self.expert_maturity.all())
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         # Gate math in fp32 whatever autocast says: a bf16 softmax over near-equal logits
@@ -40,18 +52,33 @@ class DynamicHybridRouter(nn.Module):
         # means the same for embeddings and final hidden states of any scale.
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = features.float()
-            x = F.layer_norm(x, x.shape[-1:])
+            x = F.layer_norm(x, x.shape[-1:]) - self.feature_center.float()
             return F.linear(x, self.gate.weight.float())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features (..., hidden) -> gates (..., E), fp32, each row summing to 1."""
+        """features (..., hidden) -> gates (..., E), fp32."""
         # log(1) = 0 leaves admitted experts bitwise as they were; log(0) = -inf gives an
         # expert just added a gate of exactly 0 (the others renormalise over the same sum).
         logits = self.logits(features) / self.temperature + self.expert_admission.float().log()
-        if not self.sparse:
-            return logits.softmax(dim=-1)
-        top = logits.topk(self.top_k, dim=-1)
-        return torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(dim=-1))
+        gating = self.gating
+        if gating == "dense_train_top_k_eval":
+            gating = "top_k_renormalised" if self.sparse else "dense"
+        return gate_weights(logits, gating, self.top_k, self.noise if self.training else 0.0)
+
+    @torch.no_grad()
+    def init_from_clusters(self, features: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+        """Point expert e's row at the e-th spherical k-means cluster of `features` (N, H),
+        routing features of training units as the router sees them. The features are
+        normalised as in `logits` and centred on their mean (kept in feature_center), so
+        a unit at a typical distance from the centre gets logit `scale` * cos(unit, centroid).
+        Returns the cluster sizes."""
+        x = F.layer_norm(features.float(), features.shape[-1:])
+        center = x.mean(dim=0)
+        x = x - center
+        centroids, assignment = spherical_kmeans(F.normalize(x, dim=-1), self.num_experts, seed)
+        self.feature_center.copy_(center)
+        self.gate.weight.copy_(centroids * (scale / x.norm(dim=-1).mean().clamp_min(1e-6)))
+        return torch.bincount(assignment, minlength=self.num_experts)
 
 
     @torch.no_grad()
@@ -75,8 +102,61 @@ class DynamicHybridRouter(nn.Module):
         self.expert_admission[index] = 1.0
 
 
-# Router buffers a model saved before #8 lacks; loading keeps their defaults (above).
-OPTIONAL_BUFFERS = ("expert_steps", "expert_admission", "expert_centroids", "centroid_counts")
+def gate_weights(logits: torch.Tensor, gating: str, top_k: int, noise: float = 0.0) -> torch.Tensor:
+    """Router logits (..., E) -> expert weights (..., E), the same function in training and
+    inference (noise > 0 only in training). See MoEConfig.gating for the modes.
+    "top_k_renormalised" is the inference half of dense_train_top_k_eval."""
+    probs = logits.softmax(dim=-1)
+    if gating == "dense":
+        return probs
+    choice = logits if noise == 0 else logits + noise * _gumbel(logits)
+    kept = torch.zeros_like(probs).scatter(-1, choice.topk(top_k, dim=-1).indices, 1.0)
+    if gating == "straight_through":
+        # The value is exactly the hard choice (p - p.detach() is exactly 0); the gradient is p's.
+        return kept / top_k + (probs - probs.detach())
+    if gating == "top_k_renormalised" or top_k > 1:  # Mixtral: p renormalised over the kept
+        weights = probs * kept
+        return weights / weights.sum(dim=-1, keepdim=True)
+    if gating == "top_k":  # top-1 at p_i itself (Switch Transformer): the router learns through it
+        return probs * kept
+    raise ValueError(f"gating {gating!r}: expected one of dense, top_k, straight_through")
+
+
+def _gumbel(like: torch.Tensor) -> torch.Tensor:
+    uniform = torch.rand_like(like).clamp_(torch.finfo(like.dtype).tiny, 1.0)
+    return -torch.log(-torch.log(uniform))
+
+
+def spherical_kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 100):
+    """k-means on the unit sphere (cosine similarity) of unit-norm `points` (N, H), seeded
+    k-means++ style from `seed`, so every rank and every rerun finds the same clusters.
+    Returns (unit centroids (k, H), assignment (N,)). Written out rather than taken from
+    scikit-learn: twenty lines, on whatever device the features are, with no new dependency."""
+    generator = torch.Generator().manual_seed(seed)
+    n = points.shape[0]
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    for _ in range(1, k):
+        nearest = (points @ points[chosen].T).max(dim=1).values
+        weight = (1.0 - nearest).clamp_min(0.0).cpu() ** 2
+        weight = weight if weight.sum() > 0 else torch.ones(n)
+        chosen.append(int(torch.multinomial(weight, 1, generator=generator)))
+    centroids = points[chosen].clone()
+    for _ in range(iterations):
+        assignment = (points @ centroids.T).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        empty = torch.bincount(assignment, minlength=k) == 0
+        updated = torch.where(empty.unsqueeze(1), centroids, F.normalize(sums, dim=-1))
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    return centroids, (points @ centroids.T).argmax(dim=1)
+
+
+# The router's per-expert buffers (an entry or row per expert, saved with the model);
+# growth and pruning slice them with the experts (model/growth.py).
+PER_EXPERT_BUFFERS = ("expert_maturity", "expert_steps", "expert_admission", "expert_centroids", "centroid_counts")
+# Buffers a model saved without dynamic experts or k-means init lacks; loading keeps their defaults.
+OPTIONAL_BUFFERS = PER_EXPERT_BUFFERS[1:] + ("feature_center",)
 
 
 def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,7 +218,7 @@ def balance_loss(gates: torch.Tensor, unit_mask: torch.Tensor | None, kind: str 
 
     gates: (B, U, E) with U = 1 (sequence), S (packed segments) or T (tokens);
     unit_mask: (B, U) which units are real, ignored when U = 1.
-    "mse": MSE(mean gate per expert, 1/E), the original's. "switch": E * sum_e f_e * P_e
+    "mse": MSE(mean gate per expert, 1/E). "switch": E * sum_e f_e * P_e
     (Switch Transformer), f = share of units whose top expert is e, P = mean gate.
     """
     num_experts = gates.shape[-1]

@@ -170,3 +170,4 @@ def build_loaders(cfg, bundle, tokenizer):
                               generator=torch.Generator().manual_seed(t.seed))
              for name, ds in bundle.validation.items()}
     return train, evals
+

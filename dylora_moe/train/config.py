@@ -5,8 +5,8 @@
 Every field of every section can be overridden on the command line as `--field value`
 (or `--section.field value` where a name is ambiguous). Values parse as YAML, then are
 coerced to the field's type (fieldtypes.py), so `--learning_rate 1e-4` and `--bf16` (no
-value = true) both work, and `--learning_rate` alone is an error. The seed project's flag
-names are fields here and keep their meaning. Options that contradict each other are
+value = true) both work, and `--learning_rate` alone is an error. Familiar flag names
+(--bf16, --num_epochs, --num_experts, ...) are fields here. Options that contradict each other are
 refused here too (`check_consistent`), before anything is read or loaded.
 """
 from __future__ import annotations

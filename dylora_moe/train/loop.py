@@ -21,11 +21,12 @@ import torch
 
 from ..data import build_datasets, load_examples
 from ..data.collate import IGNORE_INDEX
+from ..eval.health import routing_warnings
+from ..eval.losses import evaluate_losses
 from ..model.inject import find_targets
-from . import build, growth, identity, preflight, sharding
+from . import build, growth, identity, preflight, router_init, sharding
 from .checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume, share
 from .config import RunConfig
-from .evaluate import evaluate
 from .maturity import ExpertFreezer
 from .monitor import MetricsLog, RoutingStats, expert_grad_norms, save_usage_heatmap
 from .novelty import NoveltyMonitor
@@ -149,6 +150,9 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     sharding.prepare_model(moe, accelerator, backend)
     cfg.moe = moe.config  # one object: growth updates the model's config, which the loop and portable copies read
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
+    if resume_from is None and cfg.moe.router_init == "kmeans":
+        # Before prepare: DeepSpeed's fp32 master copy must start from these rows.
+        router_init.init_router_from_data(moe, bundle.train, tokenizer, cfg, accelerator)
 
     cpu_offload = deepspeed and _offloads_optimizer(accelerator)
     optimizer = build.build_optimizer(moe, cfg, cpu_offload=cpu_offload)
@@ -262,7 +266,7 @@ class Loop:
         self.params = self.moe.trainable_parameters()
         self.routing = RoutingStats(cfg.moe.num_experts, len(sources), accelerator.device)
         self.started = time.perf_counter()
-        self.tokens_since_log = 0
+        self.tokens_since_log = self.steps_since_log = 0
         t = cfg.train
         self.freezer = ExpertFreezer(self.moe, t.freeze_mature_experts)
         self.novelty = NoveltyMonitor(sources, t.novelty_threshold, t.novelty_window, t.max_experts,
@@ -317,6 +321,7 @@ class Loop:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.state.step += 1
+        self.steps_since_log += 1
         self._experts_after_step()
         if not with_details:
             return None
@@ -382,13 +387,14 @@ class Loop:
             "total_loss": lm + self.cfg.moe.balance_coefficient * balance,
             "lr": lr, "grad_norm": grad_norm, "expert_grad_norm": norms,
             "tokens_per_s": sums[3].item() / max(elapsed, 1e-9), "memory_gib": _memory_gib(),
+            "seconds_per_step": elapsed / max(self.steps_since_log, 1),
             "nonfinite_skipped": self.state.nonfinite_total, **routing,
             "gate_mean_by_source": dict(zip(self.sources, routing["gate_mean_by_source"])),
             "num_experts": self.moe.config.num_experts, **self._expert_state(),
         }
         self.state.tokens_seen += int(sums[3].item())
         self.routing = RoutingStats(self.cfg.moe.num_experts, len(self.sources), acc.device)
-        self.started, self.tokens_since_log = time.perf_counter(), 0
+        self.started, self.tokens_since_log, self.steps_since_log = time.perf_counter(), 0, 0
         return record
 
     def _expert_state(self) -> dict:
@@ -435,7 +441,7 @@ def run_eval(accelerator, model, loaders, state, cfg, metrics, run_dir) -> bool:
     """Evaluate, log, plot; True when early stopping says stop."""
     if not loaders:
         return False
-    results = evaluate(accelerator, model, loaders, cfg.moe.num_experts)
+    results = evaluate_losses(model, loaders, cfg.moe.num_experts, accelerator)
     mean_loss = sum(r["loss"] for r in results.values()) / len(results)
     metrics.log({"step": state.step, "eval": results, "eval_loss": mean_loss}, state.step)
     if accelerator.is_main_process:
@@ -444,8 +450,10 @@ def run_eval(accelerator, model, loaders, state, cfg, metrics, run_dir) -> bool:
         save_usage_heatmap({k: v["gate_mean"] for k, v in results.items()}, plots / f"usage-step{state.step}.png",
                            f"expert usage by source, step {state.step}")
         logger.info("eval step %d: %s", state.step, ", ".join(
-            f"{k} loss {v['loss']:.4f} (dense {v['dense_loss']:.4f}) usage {[round(g, 2) for g in v['gate_mean']]}"
+            f"{k} loss {v['loss']:.4f} (training's gates {v['dense_loss']:.4f}) usage {[round(g, 2) for g in v['gate_mean']]}"
             for k, v in results.items()))
+        for warning in routing_warnings(results):
+            logger.warning("eval step %d: %s", state.step, warning)
     patience = cfg.train.early_stopping_patience
     if mean_loss < state.best_eval:
         state.best_eval, state.evals_without_improvement = mean_loss, 0

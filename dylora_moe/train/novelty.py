@@ -1,4 +1,4 @@
-"""The novelty trigger (#8): add an expert when a data source looks like nothing the
+"""The novelty trigger: add an expert when a data source looks like nothing the
 experts have trained on (`train.grow_on_novelty`).
 
 The library: per expert, the mean embedding of the examples it trained on (router

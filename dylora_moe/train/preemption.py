@@ -12,8 +12,6 @@ from __future__ import annotations
 import signal
 import sys
 
-import torch
-
 EXIT_PREEMPTED = 143    # 128 + SIGTERM, what a killed process reports
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
@@ -48,11 +46,11 @@ class PreemptionFlag:
         return "SIGINT (Ctrl-C)" if self.signal == signal.SIGINT else "SIGTERM"
 
     def agreed(self, accelerator) -> bool:
-        """True on every rank if any rank was asked to stop (one small all-reduce)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        """True on every rank if any rank was asked to stop: Accelerate's cross-rank
+        trigger (one small all-reduce; every rank calls this at every step boundary)."""
+        if self.requested:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():
