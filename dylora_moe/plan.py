@@ -10,9 +10,11 @@ any HF causal LM works; parameters are counted per kind, and the activations fol
 per-layer formula derived from the layer's modules (norms, attention, MLP, our stacked
 LoRA layers) for the recipe's micro-batch and sequence length. Each component is
 reported on its own, for every shipped accelerate config (single_gpu, multi_gpu,
-zero2, zero2_offload), then checked against common GPUs. Why each formula is what it
-is sits next to it; the test (tests/test_plan.py) holds the estimate to the measured
-peak of a real training step.
+zero2, zero2_offload, and with the base split over the processes zero3, fsdp2 and
+zero3_offload: plan_sharding.py), then checked against common GPUs, with the first
+config that fits recommended per GPU. Why each formula is what it is sits next to it;
+the test (tests/test_plan.py) holds the estimate to the measured peak of real training
+steps, one of them on a base sharded by FSDP2 over 2 processes.
 """
 from __future__ import annotations
 

@@ -267,9 +267,9 @@ def test_what_a_sharded_base_refuses_is_one_line(backend, overrides, message):
 
     cfg = load_recipe(str(ROOT / "configs" / "demo.yaml"), overrides)
     with pytest.raises(ValueError) as refused:
-        sharding.check_supported(cfg, None, backend)
+        sharding.check_supported(cfg, backend)
     assert message in str(refused.value) and "\n" not in str(refused.value)
-    sharding.check_supported(load_recipe(str(ROOT / "configs" / "demo.yaml"), []), None, backend.replace("1", "2"))
+    sharding.check_supported(load_recipe(str(ROOT / "configs" / "demo.yaml"), []), backend.replace("1", "2"))
     with pytest.raises(ValueError, match="cannot run under FSDP2"):
         sharding.check_growth("fsdp2", 1)
     sharding.check_growth("zero3", 1)

@@ -25,7 +25,6 @@ MODES = {
     "zero2_2": ["--config_file", str(ROOT / "accelerate_configs" / "zero2.yaml"), "--num_processes", "2"],
     "offload_1": ["--config_file", str(ROOT / "accelerate_configs" / "zero2_offload.yaml"), "--num_processes", "1"],
     "offload_2": ["--config_file", str(ROOT / "accelerate_configs" / "zero2_offload.yaml"), "--num_processes", "2"],
-    "zero3_2": ["--config_file", str(ROOT / "accelerate_configs" / "zero3.yaml"), "--num_processes", "2"],
     "fsdp2_2": ["--config_file", str(ROOT / "accelerate_configs" / "fsdp2.yaml"), "--num_processes", "2"],
 }
 # Modes whose processes must be started on the CPU explicitly: DDP over gloo, and FSDP

@@ -122,7 +122,7 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     backend = sharding.kind(accelerator)  # "zero3" / "fsdp2": the base is partitioned
     build.check_optimizer(cfg, deepspeed)
     preflight.check_deepspeed(accelerator)
-    sharding.check_supported(cfg, accelerator, backend)
+    sharding.check_supported(cfg, backend)
     examples = load_examples(cfg.data)  # reads and validates every data file: fails before any heavy work
     from accelerate.utils import set_seed
 

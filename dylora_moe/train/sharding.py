@@ -91,7 +91,7 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
 
 
 # ---------------------------------------------------------------------------- checks
-def check_supported(cfg, accelerator, backend: str) -> None:
+def check_supported(cfg, backend: str) -> None:
     """What a sharded base cannot do, refused in one line before any model is loaded."""
     if backend == "fsdp1":
         raise ValueError("accelerate config: fsdp_version 1 is not supported (the frozen base and the trainable "
