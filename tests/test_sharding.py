@@ -194,11 +194,12 @@ def test_zero3_growth_freezing_and_novelty(modes, sharded_runs, tmp_path):
     assert len(set(final_record(second)["weights_sha256_per_rank"])) == 1
 
 
-def test_fsdp2_freezing_and_what_it_refuses(sharded_runs, tmp_path):
+def test_fsdp2_freezing_in_bf16_and_what_it_refuses(sharded_runs, tmp_path):
     checkpoint = sharded_runs["fsdp2"] / "checkpoints" / "checkpoint-4"
     out = tmp_path / "frozen"
+    # bf16 as a GPU recipe runs it: autocast, fp32 experts (train/sharding.py after_prepare)
     done = run("fsdp2_2", SMALL + ["--max_steps", "7", "--output_dir", str(out), "--resume_from_checkpoint",
-                                   str(checkpoint), "--freeze_mature_experts"], tmp_path, timeout=300)
+                                   str(checkpoint), "--freeze_mature_experts", "--bf16"], tmp_path, timeout=300)
     assert done.returncode == 0, explain(done)
     before, after = experts(checkpoint / "portable" / "experts"), experts(out / "final" / "experts")
     assert old_experts_unchanged(before, after) == 28  # every expert mature, frozen: bitwise

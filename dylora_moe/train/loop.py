@@ -161,6 +161,7 @@ def _train(cfg: RunConfig, lock: RunLock, preemption: PreemptionFlag) -> dict:
     # The schedule drives our own optimizer object, which DeepSpeed steps as is.
     raw_optimizer = optimizer
     model, optimizer, train_loader = accelerator.prepare(moe, optimizer, train_loader)
+    sharding.after_prepare(model, accelerator, backend)
     eval_loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
     epoch_steps = max(1, math.floor(t.num_epochs * len(train_loader) / t.gradient_accumulation_steps))
     schedule = growth.Schedule(cfg)  # built below, once the phase is known

@@ -168,6 +168,28 @@ def prepare_model(moe, accelerator, backend: str) -> None:
         if not plugin.transformer_cls_names_to_wrap:
             raise ValueError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap is not set and "
                              f"{type(moe.base_model).__name__} names no decoder block class; set it in the yaml")
+        if accelerator.mixed_precision != "no":
+            # Mixed precision as under every other config: autocast (after_prepare), the
+            # parameters in their own dtype (fp32 experts, the base as loaded), gradients
+            # reduced in fp32. FSDP2's own cast of the parameters to bf16 would leave the
+            # gates, computed in the mixture's forward from a still-sharded fp32 expert,
+            # in fp32 against bf16 experts ("expected m1 and m2 to have the same dtype",
+            # measured), and Accelerate adds no autocast under FSDP2.
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+
+
+def after_prepare(model, accelerator, backend: str) -> None:
+    """FSDP2 with mixed precision: the forward under autocast, outputs in fp32, as
+    Accelerate wraps it for single-GPU, DDP and DeepSpeed runs."""
+    if backend != FSDP2 or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return
+    from accelerate.utils import convert_outputs_to_fp32
+
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+    forward = model.forward
+    model.forward = convert_outputs_to_fp32(torch.autocast(device_type=accelerator.device.type, dtype=dtype)(forward))
 
 
 # ---------------------------------------------------------------------------- full values
