@@ -1,6 +1,6 @@
 """`accelerate launch -m dylora_moe.train --config RECIPE.yaml [--key value ...]`"""
 import sys
 
-from .cli import main
+from .cli import exit_process, main
 
-sys.exit(main(sys.argv[1:]))
+exit_process(main(sys.argv[1:]))

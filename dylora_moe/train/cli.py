@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
+import sys
 
 from ..errors import guarded
 
@@ -32,6 +34,26 @@ def _main(argv) -> int:
     except Preempted as e:
         return e.code
     return 0
+
+
+def exit_process(code: int) -> None:
+    """End a launched process with `code`, skipping the interpreter's teardown when it
+    was one of several.
+
+    By now the run has saved everything and destroyed its process group. But gloo's C++
+    worker threads can still hold finished work whose tensors need the GIL to be freed;
+    met during interpreter finalization, that aborts the process (SIGABRT, "terminate
+    called without an active exception": pytorch/pytorch#190489, #179291), and torchrun
+    then reports a finished run as failed (seen once in CI on a 2-process resume). So a
+    distributed process flushes its logs and streams and leaves with os._exit: every file
+    it wrote was closed by a `with` block before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    gc.collect()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def warn_if_plan_exceeds_gpu(cfg) -> None:
