@@ -97,7 +97,7 @@ def fresh_interpreters(programs, python) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     loaded = load_run(args.run)
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
 
     recipe_path = loaded.source / "recipe.yaml"
     recipe = load_recipe(str(recipe_path)) if recipe_path.is_file() else None

@@ -16,8 +16,8 @@ import sys
 
 from .errors import guarded
 
-# name -> (words on the command line, "module:function", help). Imported on use: `train`
-# must not pay for the evaluation stack, nor `plan` for the training loop.
+# name -> (words on the command line, "module:function", help). Imported on use: a command
+# loads only what it runs (`plan` builds no training loop, `eval` imports no DeepSpeed).
 COMMANDS = {
     "train": (("train",), "dylora_moe.train.cli:main",
               "train from a recipe (configs/*.yaml); any field can be overridden"),

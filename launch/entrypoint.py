@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from .cluster import ClusterSpecError, Node, parse_cluster_spec
+from dylora_moe.errors import guarded
+
+from .cluster import Node, parse_cluster_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE_NODE_CONFIG = ROOT / "accelerate_configs" / "zero2_offload.yaml"
@@ -105,7 +107,7 @@ def _secret_manager_fetch() -> Callable[[str], str]:
     try:
         from google.cloud import secretmanager
     except ImportError:
-        raise SystemExit(f"error: {SECRETS_ENV} is set but google-cloud-secret-manager is not installed") from None
+        raise ValueError(f"{SECRETS_ENV} is set but google-cloud-secret-manager is not installed") from None
     client = secretmanager.SecretManagerServiceClient()
     return lambda ref: client.access_secret_version(name=ref).payload.data.decode("utf-8")
 
@@ -113,11 +115,7 @@ def _secret_manager_fetch() -> Callable[[str], str]:
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
-    try:
-        node = parse_cluster_spec(env.get("CLUSTER_SPEC"))
-    except ClusterSpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    node = parse_cluster_spec(env.get("CLUSTER_SPEC"))  # a bad spec: ClusterSpecError, one line (guarded)
     env = resolve_secrets(env)
     cmd = launch_command(node, local_gpus(), args, env)
     print("launch:", " ".join(cmd), flush=True)
@@ -126,6 +124,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from dylora_moe.errors import guarded
-
     sys.exit(guarded(main, sys.argv[1:]))

@@ -16,6 +16,10 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
+
+from dylora_moe.plan import GPUS, VERTEX_ACCELERATORS, fit_warning, strategy_named, strategy_of_config
+from dylora_moe.recipe import load_recipe
 
 # preset -> (machine type, accelerator type, accelerators per node)
 MACHINES = {
@@ -133,11 +137,6 @@ def memory_warning(args) -> str | None:
     accelerate config the entrypoint launches (ZeRO-2 with CPU offload unless
     --accelerate_config names another): a warning line, or None when it fits. Recipe and
     config are read from this checkout (the image holds the same files)."""
-    from pathlib import Path
-
-    from dylora_moe.plan import GPUS, VERTEX_ACCELERATORS, fit_warning, strategy_named, strategy_of_config
-    from dylora_moe.train.config import load_recipe
-
     _, accelerator, per_node = MACHINES[args.machine]
     gpu = VERTEX_ACCELERATORS.get(accelerator)
     if gpu is None:

@@ -72,3 +72,18 @@ def shared_file():
         return path
 
     return find
+
+
+@pytest.fixture
+def fresh_accelerate(monkeypatch, tmp_path):
+    """An in-process training run: the environment the launched runs get, and Accelerate's
+    process-wide state reset afterwards (the next run builds its own Accelerator)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from trainrun import env
+
+    for key, value in env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -55,7 +55,7 @@ def main() -> None:
     from dylora_moe.model.config import MoEConfig
     from dylora_moe.model.tiny import random_causal_lm, tiny_config
     from dylora_moe.train import sharding
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
 
     hf_config = tiny_config("llama", num_kv_heads=2, **SHAPE)
     # The plan first: its meta model must not be built inside ZeRO-3's zero.Init (the

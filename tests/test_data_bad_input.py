@@ -170,7 +170,7 @@ def test_train_on_prompt_reaches_the_training_batches(packing, train_on_prompt, 
     when data.train_on_prompt is on; evaluation batches score the answers only."""
     from dylora_moe.data import IGNORE_INDEX, build_datasets, build_demo_tokenizer
     from dylora_moe.train.build import build_loaders
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
 
     cfg = load_recipe(None, ["--base_model", "tiny-random:gemma", "--tokenizer", "demo", "--sources", "[demo]",
                              "--demo_examples", "40", "--max_seq_length", "256", "--train_batch_size", "4",

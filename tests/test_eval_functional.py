@@ -13,7 +13,7 @@ from trainrun import ROOT, SMALL, explain, run
 
 from dylora_moe.eval.functional import load_tasks, main as eval_main
 from dylora_moe.eval.loading import load_run, weights_hash
-from dylora_moe.train.config import load_recipe
+from dylora_moe.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_bench_measures_one_at_a_time_and_batched_generation(specialised, tmp_pa
 
 def test_mbpp_pass_at_k_of_a_run_trained_on_the_random_split_is_flagged_contaminated():
     from dylora_moe.eval.functional import contamination_warnings
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
 
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "codegemma-2b.yaml")
     clean = load_recipe(recipe, [])

@@ -9,7 +9,7 @@ import pytest
 from dylora_moe.eval import Limits, humaneval_program, run_many
 from dylora_moe.eval.functional import load_tasks, pass_at_k
 from dylora_moe.eval.prompts import MBPP_SHOTS, bigcode_mbpp_prompt, three_shot_mbpp_prompt
-from dylora_moe.train.config import load_recipe
+from dylora_moe.recipe import load_recipe
 
 LIMITS = Limits(timeout_s=10)
 TAILS = ["exit()", "import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit",

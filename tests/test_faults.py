@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dylora_moe.errors import one_line
-from dylora_moe.train.checkpoint import (MARKER, CheckpointManager, CheckpointWriteError, lineage, verified_latest,
+from dylora_moe.checkpoint import (MARKER, CheckpointManager, CheckpointWriteError, lineage, verified_latest,
                                          verify)
 from dylora_moe.train.cli import main as train_main
 from dylora_moe.train.rundir import LOCK_FILE, RunLock, lock_holder, separate_attempts
@@ -247,7 +247,7 @@ def test_metrics_of_an_abandoned_attempt_are_moved_aside_not_mixed(tmp_path):
 
 
 def test_resume_path_errors_say_what_the_path_is(tmp_path):
-    from dylora_moe.train.checkpoint import resolve_resume
+    from dylora_moe.checkpoint import resolve_resume
 
     root = tmp_path / "checkpoints"
     write_checkpoint(root, 2, "A")

@@ -226,7 +226,7 @@ def test_bad_growth_arguments_are_clear_errors():
     ("--max_experts", "0", "train.max_experts=0: expected an integer >= 1"),
 ])
 def test_bad_growth_options_name_the_field(option, value, message):
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
 
     with pytest.raises(ValueError) as error:
         load_recipe(None, [option, value])

@@ -7,7 +7,7 @@ import torch
 
 from dylora_moe import DyLoRAMoE, plan
 from dylora_moe.model.tiny import random_causal_lm, tiny_config
-from dylora_moe.train.config import load_recipe
+from dylora_moe.recipe import load_recipe
 
 RECIPE = "configs/codegemma-2b.yaml"
 # Small enough for a CPU, shaped so that activations and logits dominate the peak.
@@ -109,7 +109,7 @@ def test_plan_follows_the_recipe(capsys):
     assert checkpointed["components"]["activations"]["gib"] < 0.2 * bf16["components"]["activations"]["gib"]
     plain = run_plan(capsys, "--loss_chunk_tokens", "0")["configs"]["single_gpu"]
     assert plain["components"]["logits"]["gib"] > bf16["components"]["logits"]["gib"]
-    from dylora_moe.train.config import TrainConfig
+    from dylora_moe.recipe import TrainConfig
 
     if hasattr(TrainConfig, "grow_on_novelty"):  # a growing run is planned at its largest
         grown = run_plan(capsys, "--grow_on_novelty", "--max_experts", "12")

@@ -118,7 +118,7 @@ def test_save_and_load_experts_of_a_quantized_base(tmp_path):
 
 def test_recipe_trains_on_a_4bit_base_and_eval_reloads_it(tmp_path):
     from dylora_moe.eval.loading import load_run
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
     from dylora_moe.train.loop import train
 
     cfg = load_recipe("configs/demo.yaml", ["--demo_examples", "80", "--max_seq_length", "96",
@@ -133,7 +133,7 @@ def test_recipe_trains_on_a_4bit_base_and_eval_reloads_it(tmp_path):
 
 
 def test_both_quantizations_is_a_config_error():
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
 
     with pytest.raises(ValueError, match="load_in_4bit and model.load_in_8bit"):
         load_recipe("configs/demo.yaml", ["--load_in_4bit", "--load_in_8bit"])

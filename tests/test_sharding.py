@@ -264,7 +264,7 @@ def sharding_message(step: int) -> str:
 def test_what_a_sharded_base_refuses_is_one_line(backend, overrides, message):
     """The checks the loop makes before any data is read (train/sharding.py)."""
     from dylora_moe.train import sharding
-    from dylora_moe.train.config import load_recipe
+    from dylora_moe.recipe import load_recipe
 
     cfg = load_recipe(str(ROOT / "configs" / "demo.yaml"), overrides)
     with pytest.raises(ValueError) as refused:

@@ -13,7 +13,7 @@ import time
 import pytest
 from trainrun import ROOT, SMALL, command, env, explain, final_record, losses, records, run
 
-from dylora_moe.train.checkpoint import (MARKER, complete_checkpoints, latest_checkpoint, resolve_resume,
+from dylora_moe.checkpoint import (MARKER, complete_checkpoints, latest_checkpoint, resolve_resume,
                                          verified_latest, verify)
 
 REFERENCE = SMALL + ["--max_steps", "8", "--save_every", "4", "--keep_last", "5"]
@@ -222,18 +222,6 @@ def test_keep_last_is_honoured_across_restarts(reference, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-12"]
     run_ids = {json.loads((p / MARKER).read_text())["run"] for p in (out / "checkpoints").iterdir()}
     assert run_ids == {json.loads((reference / "checkpoints" / "checkpoint-8" / MARKER).read_text())["run"]}
-
-
-@pytest.fixture
-def fresh_accelerate(monkeypatch, tmp_path):
-    for key, value in env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def test_a_resume_onto_another_base_or_expert_shape_is_refused(reference, tmp_path, capsys, fresh_accelerate):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from dylora_moe.train.cli import main as train_main
-from dylora_moe.train.config import load_recipe
+from dylora_moe.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -4,22 +4,10 @@ import math
 
 import pytest
 import torch
-from trainrun import SMALL, env
+from trainrun import SMALL
 
 from dylora_moe.model import DyLoRAMoE
-from dylora_moe.train.config import load_recipe
-
-
-@pytest.fixture
-def fresh_accelerate(monkeypatch, tmp_path):
-    for key, value in env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+from dylora_moe.recipe import load_recipe
 
 
 def recipe(tmp_path, *extra):

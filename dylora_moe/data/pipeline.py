@@ -10,6 +10,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from datasets import Dataset, concatenate_datasets, interleave_datasets
+
 from .config import DataConfig
 from .sources import load_source
 from .splits import subset
@@ -76,8 +78,6 @@ def why_dropped(cfg: DataConfig, counts) -> str:
 
 
 def build_datasets(cfg: DataConfig, tokenizer, examples=None) -> DataBundle:
-    from datasets import Dataset, concatenate_datasets, interleave_datasets
-
     examples = examples if examples is not None else load_examples(cfg)
     labels = [s.label for s in cfg.sources]
     bundle = DataBundle(train=None, sources=labels)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import datasets  # called as datasets.load_dataset: tests stand in for the hub there
+
 from .config import DataConfig, SourceConfig
 from .demo_tasks import FAMILIES, demo_rows
 from .formatting import instruction_example, mbpp_example
-from .readers import optional_string_list, optional_strings, read_rows, require_strings
+from .readers import BadRows, optional_string_list, optional_strings, read_rows, require_strings
 from .splits import dedupe, fraction_split
 
 CODE_ALPACA_HUB = ("sahil280114/codealpaca", "data/code_alpaca_20k.json")
@@ -66,10 +68,9 @@ def validate_mbpp_row(row: dict):
 def _code_alpaca(source, data):
     if source.path:
         return _instruction_file(source, data)
-    from datasets import load_dataset
 
     repo, file = CODE_ALPACA_HUB
-    rows = _validated(_hub(source, repo, lambda: load_dataset(repo, data_files=file, split="train")),
+    rows = _validated(_hub(source, repo, lambda: datasets.load_dataset(repo, data_files=file, split="train")),
                       validate_instruction_row, repo)
     return _split_instructions(rows, source, data, repo)
 
@@ -89,13 +90,11 @@ def _mbpp(source, data):
         rows, _ = read_rows(source.path, validate_mbpp_row, data.max_row_bytes)
         where = source.path
     else:
-        from datasets import concatenate_datasets, load_dataset
-
         repo, config = MBPP_HUB
         where = repo
         # The hub copy is pre-split (train/test/validation/prompt): join and re-split by our rules.
-        rows = _validated(concatenate_datasets(list(_hub(source, repo, lambda: load_dataset(repo, config)).values())),
-                          validate_mbpp_row, repo)
+        splits = _hub(source, repo, lambda: datasets.load_dataset(repo, config))
+        rows = _validated(datasets.concatenate_datasets(list(splits.values())), validate_mbpp_row, repo)
     examples = [mbpp_example(row, source.label) for row in sorted(rows, key=lambda r: r["task_id"])]
     if data.mbpp_split == "official":
         by_id = {int(ex["id"]): ex for ex in examples}
@@ -125,8 +124,6 @@ def _hub(source, repo: str, load):
 
 
 def _validated(rows, validate, where) -> list[dict]:
-    from .readers import BadRows
-
     bad, good = BadRows(str(where)), []
     for i, row in enumerate(rows):
         reason = validate(row)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 logger = logging.getLogger(__name__)
 
 DEMO_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
@@ -18,9 +21,6 @@ def build_demo_tokenizer(texts, vocab_size: int = 1024):
     """A byte-level BPE trained on `texts` with the `tokenizers` library: any text
     encodes (bytes as fallback) and decodes back exactly. Deterministic for its input.
     Saved with the run (save_pretrained) so later commands reload the same one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -16,6 +16,7 @@ setting, and how programs were isolated.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import zlib
@@ -24,11 +25,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from ..data import DataConfig, load_examples
 from ..errors import guarded
+from .generate import Routing, check_decoding, generate_batch, generation_config
 from .health import routing_warnings
-from .prompts import FORMATS, check_format, humaneval_task, mbpp_task
+from .isolation import detect
+from .loading import load_run
+from .losses import source_losses
 from .prompts import Task  # noqa: F401  (the eval task type, importable beside load_tasks)
+from .prompts import FORMATS, check_format, humaneval_task, mbpp_task
 from .samples import SampleStore, settings_key
 from .sandbox import Limits, run_many
 
@@ -43,16 +50,12 @@ class Decoding:
     max_new_tokens: int = 256
 
     def check(self) -> None:
-        from .generate import check_decoding
-
         if self.n < 1:
             raise ValueError(f"--n {self.n}: expected an integer >= 1")
         check_decoding(self.max_new_tokens, self.temperature, self.top_p)
 
 
 def load_tasks(name: str, recipe, limit: int | None = None, fmt: str = "instruct") -> list:
-    from ..data import DataConfig, load_examples
-
     if name not in TASK_SETS:
         raise ValueError(f"--tasks {name!r}: expected {', '.join(TASK_SETS[:-1])} or {TASK_SETS[-1]}")
     check_format(name, fmt)
@@ -109,8 +112,6 @@ def run_settings(loaded, tasks, task_set: str, decoding: Decoding, limits: Limit
 def evaluate_functional(loaded, tasks, out_dir: Path, decoding: Decoding = Decoding(), ks=(1,), compare=False,
                         limits: Limits = Limits(), label="", batch_size: int = 8, task_set: str = "") -> list[dict]:
     """pass@k per variant; generation of one batch overlaps execution of the previous."""
-    from tqdm.auto import tqdm
-
     decoding.check()
     settings = run_settings(loaded, tasks, task_set or label.strip(), decoding, limits)
     store = SampleStore(Path(out_dir) / "samples.jsonl", settings_key(settings))
@@ -139,8 +140,6 @@ def evaluate_functional(loaded, tasks, out_dir: Path, decoding: Decoding = Decod
 
 
 def _generate(loaded, batch, variant: dict, decoding: Decoding) -> list[tuple]:
-    from .generate import Routing, generate_batch, generation_config
-
     # the same draws whenever this batch is generated again
     torch.manual_seed(zlib.crc32(f"{variant['name']}/{batch[0].id}/{len(batch)}".encode()))
     config = generation_config(loaded.tokenizer, decoding.max_new_tokens, decoding.temperature, decoding.top_p,
@@ -279,9 +278,6 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = parse_args(argv)
     names, formats, ks, decoding, limits = checked(args)
-    from .isolation import detect
-    from .loading import load_run
-    from .losses import source_losses
 
     loaded = load_run(args.run, base_model=args.base_model)
     _set_threads(loaded, args.threads)
@@ -320,6 +316,4 @@ def _set_threads(loaded, threads: int | None) -> None:
 
 
 def _sha(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()

@@ -16,8 +16,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
+from ..data.formatting import alpaca_prompt
 from ..errors import guarded
+from .loading import load_run
 
 
 def parse_args(argv):
@@ -75,8 +78,6 @@ def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> Non
 def generation_config(tokenizer, max_new_tokens=256, temperature=0.0, top_p=1.0, n=1, stop=()):
     """A transformers GenerationConfig; greedy (temperature 0) decodes each prompt once,
     whatever n (its n samples are all the same)."""
-    from transformers import GenerationConfig
-
     check_decoding(max_new_tokens, temperature, top_p)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
@@ -173,8 +174,6 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
-    from ..data.formatting import alpaca_prompt
-    from .loading import load_run
 
     check_decoding(args.max_new_tokens, args.temperature, args.top_p)
     loaded = load_run(args.run, base_model=args.base_model)

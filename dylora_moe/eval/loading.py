@@ -7,7 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from ..model import DyLoRAMoE
+from ..model.quantized import quantization_config
+from ..recipe import load_recipe
 
 
 @dataclass
@@ -24,7 +29,7 @@ def portable_dir(path) -> Path:
     path = Path(path)
     candidates = [path, path / "portable", path / "final"]
     if (path / "checkpoints").is_dir():
-        from ..train.checkpoint import latest_checkpoint
+        from ..checkpoint import latest_checkpoint
 
         latest = latest_checkpoint(path / "checkpoints")
         if latest is not None:
@@ -39,11 +44,6 @@ def portable_dir(path) -> Path:
 def load_run(path, base_model=None, dtype=None) -> Loaded:
     """The base comes from `base_model` (an object or a hub id/path), else from the run:
     a tiny random base saved in the run dir, or the recipe's model.base_model."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..train.config import load_recipe
-
     src = portable_dir(path)
     recipe = load_recipe(str(src / "recipe.yaml")) if (src / "recipe.yaml").is_file() else None
     if base_model is None or isinstance(base_model, (str, Path)):
@@ -60,9 +60,7 @@ def _quantization_kwargs(recipe, compute_dtype) -> dict:
     experts learned to correct exactly those weights."""
     if recipe is None or not (recipe.model.load_in_4bit or recipe.model.load_in_8bit):
         return {}
-    import torch
 
-    from ..model.quantized import quantization_config
 
     bits = 4 if recipe.model.load_in_4bit else 8
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..data import build_datasets
+from ..data.loaders import eval_loaders
 from ..model.loss import per_row_loss
 
 
@@ -87,16 +89,10 @@ def evaluate_losses(model, loaders: dict, num_experts: int, accelerator=None) ->
 
 def source_losses(loaded, recipe, batch_size: int = 8) -> dict:
     """Loss / perplexity per source on the validation and test splits of the run's data."""
-    from torch.utils.data import DataLoader
-
-    from ..data import DataCollator, build_datasets
-
     bundle = build_datasets(recipe.data, loaded.tokenizer)
-    collate = DataCollator(loaded.tokenizer.pad_token_id)
     out = {}
     for split in ("validation", "test"):
-        loaders = {name: DataLoader(ds.select_columns(["input_ids", "prompt_len", "source_id"]), batch_size=batch_size,
-                                    collate_fn=collate) for name, ds in getattr(bundle, split).items()}
+        loaders = eval_loaders(getattr(bundle, split), loaded.tokenizer.pad_token_id, batch_size)
         for name, r in evaluate_losses(loaded.moe, loaders, loaded.moe.config.num_experts).items():
             out[f"{name}/{split}"] = r
     return out

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import torch
 
+from ..data import build_datasets, load_examples
+from ..data.loaders import eval_loaders
 from ..errors import guarded
+from ..model.portable import write_portable
+from .loading import load_run, local_base
+from .losses import evaluate_losses
 
 
 def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[float]]]:
     """(usage per expert over all validation examples, usage per source)."""
-    from ..data import build_datasets, load_examples
-    from ..train.build import build_loaders
-    from .losses import evaluate_losses
-
     bundle = build_datasets(recipe.data, tokenizer, load_examples(recipe.data))
-    _, loaders = build_loaders(recipe, bundle, tokenizer)
+    loaders = eval_loaders(bundle.validation, tokenizer.pad_token_id, recipe.train.eval_batch_size, recipe.train.seed)
     if not loaders:
         raise ValueError("the run's recipe has no validation data to measure expert usage on")
     results = evaluate_losses(moe, loaders, moe.config.num_experts)
@@ -43,9 +44,6 @@ def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[fl
 
 def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     """Measure, prune, write; returns the summary also written as prune.json."""
-    from ..train.loop import write_portable
-    from .loading import load_run, local_base
-
     out = Path(output) if output else Path(str(Path(run).resolve()).rstrip("/") + "-pruned")
     if out.exists():  # checked before anything loads
         raise ValueError(f"{out} already exists: choose another --output (prune never overwrites)")

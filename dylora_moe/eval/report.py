@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import guarded
 from .health import routing_warnings
+from .plots import save_usage_heatmap
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -36,7 +37,6 @@ def write_report(run_dir, out_dir=None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..train.monitor import save_usage_heatmap
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "report"

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 class GateSlot:
@@ -47,8 +48,6 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
 
 
 def is_conv1d(layer: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
     return isinstance(layer, Conv1D)
 
 

@@ -427,7 +427,7 @@ class DyLoRAMoE(nn.Module):
                              f"unexpected {unexpected[:3]})")
         with torch.no_grad():
             for key, target in own.items():
-                if key not in tensors:  # optional state of a model saved before #8: keep the defaults
+                if key not in tensors:  # optional state (maturity, admission) a folder may lack: keep the defaults
                     continue
                 if tensors[key].shape != target.shape:
                     raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
@@ -486,11 +486,14 @@ class DyLoRAMoE(nn.Module):
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The repeated transformer blocks (model.layers, transformer.h, gpt_neox.layers, ...):
-    the longest ModuleList in the model."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    the list of the block class the model names in `_no_split_modules` (what transformers'
+    device maps and FSDP keep whole), else the longest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         raise ValueError(f"{type(model).__name__}: no decoder blocks (nn.ModuleList) found")
-    return max(lists, key=len)
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    named = [m for m in lists if type(m[0]).__name__ in block_classes]
+    return max(named or lists, key=len)
 
 
 def _checkpointing(model) -> bool:

@@ -16,6 +16,8 @@ from .layer import StackedLoRALinear, is_conv1d, is_linear_like
 
 def export_expert(base_model, layers: dict[str, StackedLoRALinear], index: int, out_dir,
                   lora_alpha: float, lora_dropout: float, base_model_name_or_path: str | None) -> Path:
+    # Imported here: peft imports bitsandbytes, which on a CPU-only machine prints a
+    # warning to stderr on import; every command that never exports would show it.
     from peft import LoraConfig
 
     out = Path(out_dir)

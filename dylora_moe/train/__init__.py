@@ -1,5 +1,5 @@
 """Training: recipes, the Accelerate loop, checkpoints, preemption, monitoring."""
-from .config import ModelConfig, RunConfig, TrainConfig, load_recipe
+from ..recipe import ModelConfig, RunConfig, TrainConfig, load_recipe
 
 __all__ = ["ModelConfig", "RunConfig", "TrainConfig", "load_recipe", "train"]
 

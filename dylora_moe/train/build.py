@@ -1,19 +1,21 @@
 """Everything the loop needs, built from a RunConfig: tokenizer, model, optimizer,
-schedule, data loaders. Each builder is small and testable on its own."""
+data loaders (the schedule: schedule.py). Each builder is small and testable on its own."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..data import DataCollator, PackingCollator, build_demo_tokenizer
+from ..data import build_demo_tokenizer
+from ..data.loaders import eval_loaders, train_loader
 from ..model import DyLoRAMoE
 from ..model.quantized import quantization_config
 from ..model.tiny import TINY_PREFIX, random_causal_lm, tiny_config
+from ..recipe import base_dtype
 from . import sharding
+from .identity import config_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ def main_first(accelerator, path: Path, create) -> Path:
 
 
 def build_tokenizer(cfg, examples, run_dir: Path, accelerator):
-    from transformers import AutoTokenizer
-
     if cfg.model.tokenizer == "demo":
         # Trained on this run's training prompts, saved with the run, reused on resume.
         texts = [ex["prompt"] + ex["answer"] for splits in examples.values() for ex in splits.get("train", [])]
@@ -43,15 +43,7 @@ def build_tokenizer(cfg, examples, run_dir: Path, accelerator):
     return tokenizer
 
 
-def base_dtype(cfg) -> torch.dtype:
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if cfg.train.bf16 else torch.float32
-    return getattr(torch, cfg.model.dtype)
-
-
 def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
-    from transformers import AutoModelForCausalLM
-
     kwargs = {"dtype": base_dtype(cfg)}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
@@ -88,9 +80,7 @@ def check_saved_tiny_base(path: Path, config, tiny: dict) -> None:
     """A run dir's random base is reused as saved: refuse a recipe asking for another shape."""
     if not (path / "config.json").is_file():
         return
-    from transformers import AutoConfig
 
-    from .identity import config_sha256
 
     if config_sha256(AutoConfig.from_pretrained(path)) != config_sha256(config):
         raise ValueError(f"model.tiny={tiny!r}: {path} holds a tiny base of another architecture or shape (this "
@@ -140,34 +130,10 @@ def build_optimizer(moe, cfg, cpu_offload: bool):
                              weight_decay=t.weight_decay)
 
 
-def build_scheduler(optimizer, cfg, total_steps: int):
-    """transformers' schedules, stepped by the loop once per optimizer step (not handed
-    to accelerator.prepare, which steps once per process and so decays N times faster)."""
-    from transformers import get_scheduler
-
-    t = cfg.train
-    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
-    specific = {"num_cycles": t.cosine_restarts + 1} if t.lr_scheduler == "cosine_with_restarts" else {}
-    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                         scheduler_specific_kwargs=specific)
-
-
 def build_loaders(cfg, bundle, tokenizer):
-    """Train loader (shuffled, with its own seeded generator: creating an iterator must
-    not draw from the global RNG, or dropout masks shift after a resume) and one eval
-    loader per source."""
-    t, d = cfg.train, cfg.data
-    # Evaluation scores the answers only, whatever the training objective (losses stay
-    # comparable across recipes); data.train_on_prompt decides the training labels.
-    collate = DataCollator(tokenizer.pad_token_id)
-    train_collate = (PackingCollator(tokenizer.pad_token_id, d.max_seq_length, train_on_prompt=d.train_on_prompt)
-                     if d.packing else DataCollator(tokenizer.pad_token_id, train_on_prompt=d.train_on_prompt))
-    columns = ["input_ids", "prompt_len", "source_id"]
-    train = DataLoader(bundle.train.select_columns(columns), batch_size=t.train_batch_size, shuffle=True,
-                       collate_fn=train_collate, num_workers=t.dataloader_num_workers,
-                       generator=torch.Generator().manual_seed(t.seed))
-    evals = {name: DataLoader(ds.select_columns(columns), batch_size=t.eval_batch_size, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(t.seed))
-             for name, ds in bundle.validation.items()}
-    return train, evals
+    """The training loader and one validation loader per source."""
+    t = cfg.train
+    train = train_loader(bundle.train, tokenizer.pad_token_id, cfg.data, t.train_batch_size, t.seed,
+                         t.dataloader_num_workers)
+    return train, eval_loaders(bundle.validation, tokenizer.pad_token_id, t.eval_batch_size, t.seed)
 

@@ -7,7 +7,11 @@ import logging
 import os
 import sys
 
+import torch
+
 from ..errors import guarded
+from ..recipe import load_recipe
+from .loop import Preempted, train
 
 
 def main(argv=None) -> int:
@@ -23,11 +27,9 @@ def _main(argv) -> int:
                "--resume_from_checkpoint auto (or --section.field value).")
     parser.add_argument("--config", help="recipe YAML (configs/demo.yaml, configs/codegemma-2b.yaml)")
     args, overrides = parser.parse_known_args(argv)
-    from .config import load_recipe
 
     cfg = load_recipe(args.config, overrides, require_base=True)
     warn_if_plan_exceeds_gpu(cfg)
-    from .loop import Preempted, train
 
     try:
         train(cfg)
@@ -60,8 +62,6 @@ def warn_if_plan_exceeds_gpu(cfg) -> None:
     """Before anything loads: the memory plan (`dylora-moe plan`) against this process's
     GPU, as a warning, never an error. Shapes only (meta device), so it costs a second;
     skipped on CPU-only runs and on all but the first process of each node."""
-    import torch
-
     if not torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     log = logging.getLogger("dylora_moe.train")

@@ -1,4 +1,4 @@
-"""Growing the experts of a training run (#8): on a resume with more experts
+"""Growing the experts of a training run: on a resume with more experts
 (`--num_experts 6 --resume_from_checkpoint X` on a 4-expert checkpoint), or when the
 novelty trigger fires mid-run (train/novelty.py).
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +39,7 @@ from ..model import MoEConfig
 from ..model.growth import expert_axes
 from ..model.moe import CONFIG_FILE
 from . import build, sharding
-from .checkpoint import read_marker
+from ..checkpoint import read_marker
 from .maturity import full_fp32
 
 logger = logging.getLogger(__name__)
@@ -73,45 +72,6 @@ def plan_resume(cfg, checkpoint) -> tuple[MoEConfig, int]:
         raise ValueError(f"train.max_steps={cfg.train.max_steps}: the checkpoint is at step {step}; a resume with more "
                          "experts trains up to max_steps (the run's total), so raise it")
     return as_saved, add
-
-
-class Schedule:
-    """The LR schedule, registered for checkpointing through this holder so that growth
-    can rebuild it around a new optimizer. Its state_dict is the scheduler's own, so a
-    checkpoint holds what it always did. Built after load_state (`start`), when the
-    phase it belongs to is known."""
-
-    def __init__(self, cfg):
-        self.cfg, self.scheduler, self.restored = cfg, None, None
-        self.start_step = self.total_steps = 0
-
-    def start(self, optimizer, start_step: int, total_steps: int, restore: bool = True) -> None:
-        """The schedule of the steps start_step..total_steps; continues a restored state."""
-        self.start_step, self.total_steps = start_step, total_steps
-        self.scheduler = build.build_scheduler(optimizer, self.cfg, max(1, total_steps - start_step))
-        if self.restored is not None and restore:
-            self.scheduler.load_state_dict(self.restored)
-            # load_state_dict leaves the optimizer at the rate of step 0: put the saved one back
-            for group, lr in zip(optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = lr
-        self.restored = None
-
-    def rebind(self, optimizer) -> None:
-        """The same schedule, at the same point, driving a new optimizer (mid-run growth)."""
-        self.restored = self.scheduler.state_dict()
-        self.start(optimizer, self.start_step, self.total_steps)
-
-    def step(self) -> None:
-        self.scheduler.step()
-
-    def get_last_lr(self) -> list[float]:
-        return self.scheduler.get_last_lr()
-
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.restored = state
 
 
 class Grower:
@@ -206,7 +166,7 @@ def _set_fp32_masters(moe, masters: list[torch.Tensor], old_count: int) -> None:
 
 
 def phase_report(cfg, state, total_steps: int) -> str:
-    warmup = cfg.train.warmup_steps or math.ceil(cfg.train.warmup_ratio * (total_steps - state.step))
+    warmup = cfg.train.warmup_for(total_steps - state.step)
     return (f"a new phase, not an exact resume: the step count continues at {state.step}; the LR schedule restarts "
             f"({cfg.train.lr_scheduler}, warmup {warmup}, over the {total_steps - state.step} steps to max_steps "
             f"{total_steps}); the data stream starts from its beginning; early stopping starts over")

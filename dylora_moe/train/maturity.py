@@ -1,4 +1,4 @@
-"""Maturity and freezing of experts during training (#8).
+"""Maturity and freezing of experts during training.
 
 After every optimizer step the experts that trained take one step of their own
 (`DyLoRAMoE.advance_maturity`): an added expert's admission ramps up and it matures after

@@ -85,18 +85,19 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(_jsonable(record)) + "\n")
-        scalars = {k: v for k, v in _flatten(record).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        scalars = {k: v for k, v in flatten(record).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         self.accelerator.log(scalars, step=step)
 
 
-def _flatten(record: dict, prefix: str = "") -> dict:
+def flatten(record: dict, sep: str = "/", prefix: str = "") -> dict:
+    """Nested dicts (and lists of numbers) as one level of `a/b/0` keys: what trackers take."""
     out = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "/"))
+            out.update(flatten(value, sep, name + sep))
         elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-            out.update({f"{name}/{i}": v for i, v in enumerate(value)})
+            out.update({f"{name}{sep}{i}": v for i, v in enumerate(value)})
         else:
             out[name] = value
     return out
@@ -110,27 +111,3 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def save_usage_heatmap(usage_by_source: dict[str, list[float]], path: Path, title: str) -> None:
-    """Rows: data sources; columns: experts; cells: mean gate weight."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(usage_by_source)
-    data = [usage_by_source[n] for n in names]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(data[0]), 1.0 + 0.5 * len(names)))
-    image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(data[0])), [str(i) for i in range(len(data[0]))])
-    ax.set_xlabel("expert")
-    ax.set_yticks(range(len(names)), names)
-    for i, row in enumerate(data):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -10,7 +10,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoConfig
+
 from ..model.tiny import TINY_PREFIX
+from ..plan.setup import offloads_optimizer
 
 PATH_PREFIXES = ("/", "./", "../", "~")
 # Architectures with a table of learned absolute positions: a row longer than it fails
@@ -48,7 +52,6 @@ def check_model_name(field: str, name: Optional[str]) -> None:
         return
     if name.startswith(PATH_PREFIXES) or name.count("/") > 1:
         raise ValueError(f"{field}={name!r}: no such directory (and not a hub id like google/codegemma-2b)")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(name)
@@ -75,8 +78,6 @@ def check_base_model(cfg) -> None:
 
 
 def read_base_config(name: str):
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError):
@@ -97,8 +98,7 @@ def check_deepspeed(accelerator) -> None:
         return
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     zero = ds.get("zero_optimization", {})
-    offload = (zero.get("offload_optimizer") or {}).get("device") == "cpu"
-    if offload and ds.get("zero_force_ds_cpu_optimizer", True):
+    if offloads_optimizer(zero) and ds.get("zero_force_ds_cpu_optimizer", True):
         raise ValueError("DeepSpeed config: optimizer offload needs \"zero_force_ds_cpu_optimizer\": false "
                          "(otherwise DeepSpeed swaps in its own optimizer and the LR schedule stops driving it: "
                          "the LR freezes after a resume); see ds_configs/zero2_offload.json")

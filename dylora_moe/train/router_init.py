@@ -16,6 +16,7 @@ import hashlib
 import logging
 
 import torch
+from accelerate.utils import broadcast
 from torch.utils.data import DataLoader
 
 from ..data import DataCollator
@@ -64,7 +65,6 @@ def _training_features(moe, dataset, tokenizer, cfg, accelerator) -> torch.Tenso
 def _broadcast_router(router, accelerator) -> None:
     if accelerator.num_processes == 1:
         return
-    from accelerate.utils import broadcast
 
     for tensor in (router.gate.weight, router.feature_center):
         tensor.data.copy_(broadcast(tensor.data.clone(), from_process=0))

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoint import complete_checkpoints
+
 logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 DIRECTORIES = ("checkpoints", "plots", "tokenizer", "base_model", "final")
@@ -30,8 +32,6 @@ def check_output_dir(run_dir: Path, resume: Optional[str], probe_lock: bool = Tr
     parts of the right kind), no other run holds it, and, for a fresh run, it does not
     already hold one. probe_lock: off on all but the process that will take the lock (the
     others would see it taken)."""
-    from .checkpoint import complete_checkpoints
-
     run_dir = Path(run_dir)
     where = f"train.output_dir={str(run_dir)!r}"
     if run_dir.exists() and not run_dir.is_dir():

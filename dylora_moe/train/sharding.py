@@ -31,7 +31,11 @@ import os
 from typing import Optional
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, convert_outputs_to_fp32, gather_object
 from torch import nn
+from torch.distributed.tensor import DTensor
+from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +71,6 @@ def fsdp_requested(env=None) -> bool:
 def enable_fsdp_on_cpu(accelerator) -> bool:
     """On a CPU-only machine, make an FSDP accelerate config run as FSDP (over gloo)
     instead of as N unsynchronised copies. True when it switched FSDP on."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     if not fsdp_requested() or accelerator.distributed_type == DistributedType.FSDP:
         return False
     if torch.cuda.is_available() or accelerator.num_processes < 2:
@@ -80,7 +82,6 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables accelerate launch set
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
-    from accelerate.state import PartialState
 
     state = accelerator.state
     state.fsdp_plugin = plugin
@@ -142,7 +143,6 @@ def built_by_this_process_alone(accelerator):
     if plugin is None or not zero3_enabled():
         yield
         return
-    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
     try:
@@ -185,7 +185,6 @@ def after_prepare(model, accelerator, backend: str) -> None:
     Accelerate wraps it for single-GPU, DDP and DeepSpeed runs."""
     if backend != FSDP2 or accelerator.mixed_precision not in ("bf16", "fp16"):
         return
-    from accelerate.utils import convert_outputs_to_fp32
 
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
     forward = model.forward
@@ -194,8 +193,6 @@ def after_prepare(model, accelerator, backend: str) -> None:
 
 # ---------------------------------------------------------------------------- full values
 def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(t, DTensor)
 
 
@@ -351,8 +348,6 @@ def trainable_elements(moe) -> int:
 
 def sharding_record(accelerator, moe, backend: str) -> dict:
     """What metrics.jsonl records once per run: how much of the base each rank holds."""
-    from accelerate.utils import gather_object
-
     held, total = held_base_bytes(moe)
     per_rank = gather_object([held])
     # ZeRO-3 keeps parameters up to stage3_param_persistence_threshold whole on every rank.

@@ -34,6 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from accelerate.utils import broadcast_object_list
+
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 PREFIX = "checkpoint-"
@@ -314,7 +316,6 @@ def share(accelerator, fn: Callable[[], str]) -> str:
             raise error
         return result
     box = [(result, _portable_error(error))]
-    from accelerate.utils import broadcast_object_list
 
     broadcast_object_list(box, from_process=0)
     result, shipped = box[0]

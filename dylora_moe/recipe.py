@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
-from ..data import DataConfig
-from ..fieldtypes import BARE, check_fields
-from ..fieldtypes import coerce as coerce_value
-from ..model import MoEConfig
-from ..model.tiny import ARCHITECTURES, TINY_PREFIX, tiny_config
+from .data import DataConfig
+from .fieldtypes import BARE, check_fields
+from .fieldtypes import coerce as coerce_value
+from .model import MoEConfig
+from .model.tiny import ARCHITECTURES, TINY_PREFIX, tiny_config
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding (accelerate.set_seed) accepts
 # A tiny random base is for demos and tests: bigger is a typo, and would allocate
@@ -191,6 +193,10 @@ class TrainConfig:
         if not all(isinstance(x, str) and x in ("wandb", "tensorboard") for x in self.log_with):
             raise ValueError(f"train.log_with={self.log_with!r}: expected some of ['wandb', 'tensorboard']")
 
+    def warmup_for(self, steps: int) -> int:
+        """Warm-up of a schedule over `steps`: warmup_steps, else that fraction of them."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * steps)
+
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -292,6 +298,14 @@ def check_consistent(cfg: RunConfig) -> None:
                              f"(model.tiny.max_positions={positions}); raise max_positions or lower max_seq_length")
 
 
+# Why not OmegaConf or jsonargparse for these overrides: both were weighed. OmegaConf's
+# dotlist takes `section.field=value` only, so the flags users already type (`--bf16`
+# bare, `--num_experts 6` without its section, `--seed` meaning the training seed) would
+# need this same layer on top; its structured configs check types but not ranges or
+# cross-field rules, which the dataclasses' __post_init__ and check_consistent do with
+# messages naming the field. jsonargparse would own argv (a second CLI beside argparse's)
+# and reports errors in its own words. What is left here is short: split argv into
+# (key, value) pairs, find the section a bare key belongs to, and let fieldtypes coerce.
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     """["--lr", "1e-4", "--bf16", "--x=3"] -> [("lr", "1e-4"), ("bf16", BARE), ("x", "3")]."""
     out, i = [], 0
@@ -332,3 +346,10 @@ def resolve_key(key: str) -> tuple[str, str]:
 def coerce(cls, name: str, value, where: str):
     """A command-line or YAML value to the field's declared type (fieldtypes.coerce)."""
     return coerce_value(typing.get_type_hints(cls)[name], value, where)
+
+
+def base_dtype(cfg: RunConfig) -> torch.dtype:
+    """The frozen base's dtype: model.dtype, or with `auto` what the run computes in."""
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if cfg.train.bf16 else torch.float32
+    return getattr(torch, cfg.model.dtype)

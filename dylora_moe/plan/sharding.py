@@ -18,9 +18,11 @@ whole at a time to compute with:
 """
 from __future__ import annotations
 
-from .plan import Component, ModelShape, Step, Strategy
+from .component import Component
+from .setup import Step, Strategy
+from .shape import ModelShape
 
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # plan.base_weights: 4 bits, absmax per 64, fp32 per 256 of those
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # estimate.base_weights: 4 bits, absmax per 64, fp32 per 256 of those
 
 
 def block_bytes(shape: ModelShape, step: Step) -> float:

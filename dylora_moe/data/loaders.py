@@ -1,0 +1,29 @@
+"""Batches from a tokenized bundle: the training loader and one loader per source for
+validation, used alike by training, `eval` and `prune`."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from .collate import DataCollator, PackingCollator
+
+COLUMNS = ["input_ids", "prompt_len", "source_id"]
+
+
+def train_loader(dataset, pad_token_id: int, data_cfg, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Shuffled, with its own seeded generator: creating an iterator must not draw from
+    the global RNG, or dropout masks shift after a resume. data.train_on_prompt decides
+    the training labels."""
+    collate = (PackingCollator(pad_token_id, data_cfg.max_seq_length, train_on_prompt=data_cfg.train_on_prompt)
+               if data_cfg.packing else DataCollator(pad_token_id, train_on_prompt=data_cfg.train_on_prompt))
+    return DataLoader(dataset.select_columns(COLUMNS), batch_size=batch_size, shuffle=True, collate_fn=collate,
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loaders(datasets: dict, pad_token_id: int, batch_size: int, seed: int = 0) -> dict[str, DataLoader]:
+    """One loader per source. Evaluation scores the answers only, whatever the training
+    objective, so losses stay comparable across recipes."""
+    collate = DataCollator(pad_token_id)
+    return {name: DataLoader(ds.select_columns(COLUMNS), batch_size=batch_size, collate_fn=collate,
+                             generator=torch.Generator().manual_seed(seed))
+            for name, ds in datasets.items()}
