@@ -43,6 +43,19 @@ def evaluate(accelerator, moe, loaders, num_experts):
     return out
 
 
+def counting_base_passes(moe, *runs):
+    """Each run's result with the number of base forward passes it made."""
+    calls, out = [], []
+    hook = moe.base_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for run in runs:
+            calls.clear()
+            out.append((run(), len(calls)))
+    finally:
+        hook.remove()
+    return out
+
+
 def loader(seed=0, rows=10, batch_size=4):
     g = torch.Generator().manual_seed(seed)
     examples = []
@@ -61,13 +74,8 @@ def test_one_forward_gives_trainings_top_k_and_dense_losses(routing, mixture):
                    gating="dense_train_top_k_eval")
     randomize_experts(moe, scale=1.0)
     loaders = {"a": loader(0), "b": loader(1)}
-    calls = []
-    hook = moe.base_model.register_forward_pre_hook(lambda *a: calls.append(1))
-    ours = evaluate_losses(moe, loaders, 4)
-    ours_calls = len(calls)
-    calls.clear()
-    theirs = evaluate(None, moe, loaders, 4)
-    hook.remove()
+    (ours, ours_calls), (theirs, their_calls) = counting_base_passes(moe, lambda: evaluate_losses(moe, loaders, 4),
+                                                                     lambda: evaluate(None, moe, loaders, 4))
     for source in loaders:
         for key in ("loss", "dense_loss", "perplexity"):
             assert ours[source][key] == pytest.approx(theirs[source][key], rel=1e-5), (source, key)
@@ -76,7 +84,7 @@ def test_one_forward_gives_trainings_top_k_and_dense_losses(routing, mixture):
         assert ours[source]["loss"] != pytest.approx(ours[source]["dense_loss"], rel=1e-3)  # they differ
     batches = sum(len(b) for b in loaders.values())
     passes = 4 if mixture == "logits" else 1  # the reference mixture runs one pass per expert
-    assert ours_calls == batches * passes and len(calls) == 2 * batches * passes
+    assert ours_calls == batches * passes and their_calls == 2 * batches * passes
     assert moe.router.forward.__func__ is type(moe.router).forward  # the router is itself again
 
 
@@ -85,13 +93,8 @@ def test_a_gating_that_infers_as_it_trains_needs_one_pass_and_has_no_gap(gating)
     moe = make_moe("llama", num_experts=4, top_k=1, gating=gating, temperature=0.3)
     randomize_experts(moe, scale=1.0)
     loaders = {"a": loader(0)}
-    calls = []
-    hook = moe.base_model.register_forward_pre_hook(lambda *a: calls.append(1))
-    ours = evaluate_losses(moe, loaders, 4)
-    ours_calls = len(calls)
-    calls.clear()
-    theirs = evaluate(None, moe, loaders, 4)
-    hook.remove()
+    (ours, ours_calls), (theirs, their_calls) = counting_base_passes(moe, lambda: evaluate_losses(moe, loaders, 4),
+                                                                     lambda: evaluate(None, moe, loaders, 4))
     assert ours["a"]["loss"] == ours["a"]["dense_loss"] == pytest.approx(theirs["a"]["loss"], rel=1e-6)
     assert theirs["a"]["dense_loss"] == pytest.approx(theirs["a"]["loss"], rel=1e-6)  # training's gates: the same
-    assert ours_calls == len(loaders["a"]) and len(calls) == 2 * len(loaders["a"])  # one base pass per batch
+    assert ours_calls == len(loaders["a"]) and their_calls == 2 * len(loaders["a"])  # one base pass per batch

@@ -5,10 +5,9 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from trainrun import ROOT, SMALL, VENV_BIN, env, explain, final_record, free_port
+from trainrun import ROOT, SMALL, VENV_BIN, env, final_record, free_port
 
 from launch import cluster, entrypoint, vertex
 
@@ -80,20 +79,27 @@ def test_gcs_paths_checkpoint_dir_and_secrets():
     assert resolved == {"A": "1", "HF_TOKEN": "the-value"}
 
 
-def test_two_nodes_on_localhost_train_together(tmp_path):
-    """Two entrypoint processes, one per "node", CLUSTER_SPECs pointing at 127.0.0.1: they
-    rendezvous (gloo), train the demo under multi-node ZeRO-2 and end with equal weights."""
-    port, out = free_port(), tmp_path / "run"
-    base = {"cluster": {"workerpool0": [f"127.0.0.1:{port}"], "workerpool1": ["127.0.0.1:1"]}}
-    e = env(tmp_path)
+def two_nodes(tmp_path, train_args: list, extra_env: dict | None = None) -> list[str]:
+    """Two entrypoint processes, one per "node", with CLUSTER_SPECs pointing at 127.0.0.1;
+    both must exit 0. -> their outputs (chief first)."""
+    base = {"cluster": {"workerpool0": [f"127.0.0.1:{free_port()}"], "workerpool1": ["127.0.0.1:1"]}}
+    e = {**env(tmp_path), **(extra_env or {})}
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e['PATH']}"
-    args = [sys.executable, "-m", "launch.entrypoint", *SMALL, "--max_steps", "4", "--output_dir", str(out)]
+    args = [sys.executable, "-m", "launch.entrypoint", *SMALL, *train_args]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**e, "CLUSTER_SPEC": json.dumps({**base, "task": {"type": t, "index": 0}})})
              for t in ("workerpool0", "workerpool1")]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text[-4000:]
+    return outputs
+
+
+def test_two_nodes_on_localhost_train_together(tmp_path):
+    """Two entrypoint processes, one per "node", CLUSTER_SPECs pointing at 127.0.0.1: they
+    rendezvous (gloo), train the demo under multi-node ZeRO-2 and end with equal weights."""
+    out = tmp_path / "run"
+    outputs = two_nodes(tmp_path, ["--max_steps", "4", "--output_dir", str(out)])
     assert "--machine_rank 1" in outputs[1] and "--num_processes 2" in outputs[0]
     checksums = final_record(out)["weights_sha256_per_rank"]
     assert len(checksums) == 2 and len(set(checksums)) == 1
@@ -214,18 +220,9 @@ def test_the_entrypoint_launches_a_sharded_config(config, standard):
 def test_two_nodes_on_localhost_train_under_zero3(tmp_path):
     """The multi-node path with a sharded base: two entrypoints ("nodes") on 127.0.0.1,
     ZeRO-3 through the standard launcher; each holds half of the base."""
-    port, out = free_port(), tmp_path / "run"
-    base = {"cluster": {"workerpool0": [f"127.0.0.1:{port}"], "workerpool1": ["127.0.0.1:1"]}}
-    e = env(tmp_path)
-    e["PATH"] = f"{VENV_BIN}{os.pathsep}{e['PATH']}"
-    e["DYLORA_ACCELERATE_CONFIG"] = str(ROOT / "accelerate_configs" / "zero3.yaml")
-    args = [sys.executable, "-m", "launch.entrypoint", *SMALL, "--max_steps", "2", "--output_dir", str(out)]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**e, "CLUSTER_SPEC": json.dumps({**base, "task": {"type": t, "index": 0}})})
-             for t in ("workerpool0", "workerpool1")]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-4000:]
+    out = tmp_path / "run"
+    outputs = two_nodes(tmp_path, ["--max_steps", "2", "--output_dir", str(out)],
+                        {"DYLORA_ACCELERATE_CONFIG": str(ROOT / "accelerate_configs" / "zero3.yaml")})
     assert "--deepspeed_multinode_launcher standard" in outputs[1]
     checksums = final_record(out)["weights_sha256_per_rank"]
     assert len(checksums) == 2 and len(set(checksums)) == 1

@@ -2,8 +2,6 @@
 import pytest
 from trainrun import SMALL, explain, final_record, losses, records, run, run_and_interrupt
 
-from dylora_moe.train.preemption import EXIT_PREEMPTED
-
 STEPS = 24
 
 
