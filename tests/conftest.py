@@ -1,4 +1,6 @@
+import contextlib
 import os
+import subprocess
 
 # Tests never touch the network: make any accidental hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,3 +89,17 @@ def fresh_accelerate(monkeypatch, tmp_path):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size: str):
+    """A tmpfs of `size` mounted at `path` for the block (a real full disk); skips the test
+    where mounting needs root or is not allowed."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)

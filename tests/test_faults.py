@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import small_tmpfs
 
+from dylora_moe.checkpoint import MARKER, CheckpointManager, CheckpointWriteError, lineage, verified_latest, verify
 from dylora_moe.errors import one_line
-from dylora_moe.checkpoint import (MARKER, CheckpointManager, CheckpointWriteError, lineage, verified_latest,
-                                         verify)
 from dylora_moe.train.cli import main as train_main
 from dylora_moe.train.rundir import LOCK_FILE, RunLock, lock_holder, separate_attempts
 
@@ -182,12 +182,7 @@ def test_a_bug_during_a_checkpoint_write_is_not_disguised(tmp_path):
 
 def test_a_really_full_disk(tmp_path):
     """A 1 MiB tmpfs: the second checkpoint cannot fit (needs root to mount, else skipped)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
         acc = FakeAccelerator(size=300_000)
         manager = CheckpointManager(acc, disk / "checkpoints", keep_last=5, save_kwargs={})
         first = manager.save(2, portable, {})
@@ -199,8 +194,6 @@ def test_a_really_full_disk(tmp_path):
         assert verify(first) is None
         acc.size = 300_000  # the space a failed write took is given back
         assert verify(manager.save(4, portable, {})) is None
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def write_checkpoint(root: Path, step: int, run: str, name=None):

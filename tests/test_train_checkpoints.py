@@ -11,10 +11,11 @@ import subprocess
 import time
 
 import pytest
+from conftest import small_tmpfs
 from trainrun import ROOT, SMALL, command, env, explain, final_record, losses, records, run
 
-from dylora_moe.checkpoint import (MARKER, complete_checkpoints, latest_checkpoint, resolve_resume,
-                                         verified_latest, verify)
+from dylora_moe.checkpoint import (MARKER, complete_checkpoints, latest_checkpoint, resolve_resume, verified_latest,
+                                   verify)
 
 REFERENCE = SMALL + ["--max_steps", "8", "--save_every", "4", "--keep_last", "5"]
 
@@ -337,12 +338,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_second_one_stops_at_once(refere
 
 
 def test_disk_full_at_a_save_is_one_line_and_keeps_the_previous_checkpoint(reference, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "disk", "48m") as disk:
         out = copy_run(reference, disk)
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         with open(disk / "filler", "wb") as f:  # leave 512 KiB: enough for logs and plots, not a checkpoint
@@ -357,5 +353,3 @@ def test_disk_full_at_a_save_is_one_line_and_keeps_the_previous_checkpoint(refer
         assert "(the disk is full: free space" in line
         assert fingerprint(out / "checkpoints") == before
         assert verify(out / "checkpoints" / "checkpoint-8") is None
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
