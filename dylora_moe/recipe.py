@@ -41,6 +41,10 @@ class ModelConfig:
     # random model built from `tiny` (tiny_config kwargs) - the offline default.
     base_model: str = "google/codegemma-2b"
     tokenizer: Optional[str] = None       # None = the base model's; "demo" = trained locally on the data
+    # A GGUF file inside base_model (a folder or hub repo), as transformers names it:
+    # transformers dequantizes it to float on load (needs the `gguf` package). The base's
+    # tokenizer and chat template come from the same file.
+    gguf_file: Optional[str] = None
     dtype: str = "auto"                   # auto | bfloat16 | float32 (weights of the frozen base)
     attn_implementation: Optional[str] = None
     tiny: dict = field(default_factory=dict)
@@ -63,6 +67,21 @@ class ModelConfig:
         if self.tokenizer == "demo" and not self.base_model.startswith(TINY_PREFIX):
             raise ValueError("model.tokenizer='demo' only fits a tiny-random base (its vocabulary is built for it)")
         check_tiny(self.base_model, self.tiny)
+        if self.gguf_file is not None:
+            if not isinstance(self.gguf_file, str) or not self.gguf_file.strip() or "\x00" in self.gguf_file:
+                raise ValueError(f"model.gguf_file={self.gguf_file!r}: expected a file name inside base_model")
+            if self.base_model.startswith(TINY_PREFIX):
+                raise ValueError(f"model.gguf_file={self.gguf_file!r}: a tiny-random base is built, not read from a "
+                                 "file; remove gguf_file")
+            if self.load_in_4bit or self.load_in_8bit:
+                raise ValueError("model.gguf_file with model.load_in_4bit/8bit: transformers loads a GGUF base "
+                                 "dequantized and cannot quantize it again; use one of them")
+
+
+def base_files(model_cfg: ModelConfig) -> dict:
+    """from_pretrained keyword arguments that say which file of base_model holds the base
+    (a GGUF checkpoint); the same for the config, the weights and the tokenizer."""
+    return {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
 
 
 def tiny_fields() -> dict:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..model import DyLoRAMoE
 from ..model.quantized import quantization_config
-from ..recipe import load_recipe
+from ..recipe import base_files, load_recipe
 
 
 @dataclass
@@ -48,7 +48,9 @@ def load_run(path, base_model=None, dtype=None) -> Loaded:
     recipe = load_recipe(str(src / "recipe.yaml")) if (src / "recipe.yaml").is_file() else None
     if base_model is None or isinstance(base_model, (str, Path)):
         name = base_model or _base_from_run(src, recipe)
-        base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32,
+        # The run's GGUF file, unless another base was named.
+        files = base_files(recipe.model) if recipe is not None and base_model is None else {}
+        base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **files,
                                                           **_quantization_kwargs(recipe, dtype or torch.float32))
     moe = DyLoRAMoE.from_pretrained(base_model, src / "experts")
     tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")

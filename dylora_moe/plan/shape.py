@@ -16,6 +16,7 @@ from ..model.hub_configs import known_configs
 from ..model.layer import StackedLoRALinear, is_linear_like, linear_shape
 from ..model.moe import decoder_blocks
 from ..model.tiny import TINY_PREFIX, tiny_config
+from ..recipe import base_files
 
 # Output projections read their own input; other Linears of one block that share an
 # input width read the same tensor (q/k/v, gate/up). Used to count shared inputs once.
@@ -98,14 +99,15 @@ def resolve_base_config(model_cfg):
             raise ValueError(f"model.tiny={model_cfg.tiny!r}: {e}") from None
         except ValueError as e:
             raise ValueError(f"model.base_model={name!r}: {e}") from None
+    files = base_files(model_cfg)
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True), "its config.json (local)"
+        return AutoConfig.from_pretrained(name, local_files_only=True, **files), "its config.json (local)"
     except (OSError, ValueError):
         pass
     if name in known_shapes():
         return known_shapes()[name](), "a built-in copy of its config.json (not in the local HF cache)"
     try:
-        return AutoConfig.from_pretrained(name), "its config.json (hub)"
+        return AutoConfig.from_pretrained(name, **files), "its config.json (hub)"
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"model.base_model={name!r}: cannot read its config ({first})") from None

@@ -13,7 +13,7 @@ from ..data.loaders import eval_loaders, train_loader
 from ..model import DyLoRAMoE
 from ..model.quantized import quantization_config
 from ..model.tiny import TINY_PREFIX, random_causal_lm, tiny_config
-from ..recipe import base_dtype
+from ..recipe import base_dtype, base_files
 from . import sharding
 from .identity import config_sha256
 
@@ -37,14 +37,17 @@ def build_tokenizer(cfg, examples, run_dir: Path, accelerator):
         path = main_first(accelerator, run_dir / "tokenizer",
                           lambda p: build_demo_tokenizer(texts).save_pretrained(p))
         return AutoTokenizer.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.base_model)
+    if cfg.model.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.base_model, **base_files(cfg.model))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, so EOS keeps its label
     return tokenizer
 
 
 def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
-    kwargs = {"dtype": base_dtype(cfg)}
+    kwargs = {"dtype": base_dtype(cfg), **base_files(cfg.model)}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     name = cfg.model.base_model

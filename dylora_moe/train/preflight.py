@@ -15,6 +15,7 @@ from transformers import AutoConfig
 
 from ..model.tiny import TINY_PREFIX
 from ..plan.setup import offloads_optimizer
+from ..recipe import base_files
 
 PATH_PREFIXES = ("/", "./", "../", "~")
 # Architectures with a table of learned absolute positions: a row longer than it fails
@@ -68,7 +69,8 @@ def check_base_model(cfg) -> None:
     if name.startswith(TINY_PREFIX):
         return  # built from model.tiny, checked with the recipe
     check_model_name("model.base_model", name)
-    config = read_base_config(name)
+    check_gguf(cfg.model)
+    config = read_base_config(name, base_files(cfg.model))
     if getattr(config, "model_type", None) not in LEARNED_POSITIONS:
         return  # rotary / ALiBi positions: longer rows run (if less well)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -77,16 +79,39 @@ def check_base_model(cfg) -> None:
                          f"{name} (learned position embeddings); lower max_seq_length")
 
 
-def read_base_config(name: str):
+def check_gguf(model_cfg) -> None:
+    """A GGUF base needs the gguf package, and a local one a real GGUF file (its magic
+    bytes), before anything is tokenized."""
+    if not model_cfg.gguf_file:
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"model.gguf_file={model_cfg.gguf_file!r} needs the gguf package, which is not installed "
+                         "(pip install gguf)")
+    folder = Path(model_cfg.base_model).expanduser()
+    if not folder.is_dir():
+        return  # a hub repo: transformers downloads the file
+    path = folder / model_cfg.gguf_file
+    if not path.is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))[:5]
+        raise ValueError(f"model.gguf_file={model_cfg.gguf_file!r}: no such file in {folder} (GGUF files there: "
+                         f"{present or 'none'})")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"model.gguf_file: {path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+
+
+def read_base_config(name: str, files: Optional[dict] = None):
+    files = files or {}
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
+        return AutoConfig.from_pretrained(name, local_files_only=True, **files)
     except (OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ValueError(f"model.base_model={name!r}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is "
                          "set (downloads are off)")
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, **files)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"model.base_model={name!r}: cannot read its config ({first})") from None
