@@ -97,8 +97,20 @@ def test_dense_training_mixture_equals_sum_of_gated_deltas():
     expected = layer.base_layer(x)
     for e in range(3):
         a, b = layer.expert_weights(e)
-        expected = expected + gates[..., e : e + 1] * layer.scaling * (x @ a.T @ b.T)
-    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=0)
+        # gates sum to 1; the mixture's scale is alpha / r times the number of experts
+        expected = expected + gates[..., e : e + 1] * 3 * layer.scaling * (x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+def test_uniform_mixture_is_one_lora_of_rank_e_times_r_at_the_same_alpha_over_r():
+    """The scale that makes a recipe's learning rate fit a mixture and a LoRA alike."""
+    moe = make_moe(num_experts=4, lora_r=2, lora_alpha=4)
+    randomize_experts(moe)
+    layer = next(iter(moe.experts.values()))
+    x = torch.randn(2, 5, layer.in_features)
+    moe.set_gates(torch.full((1, 1, 4), 0.25))
+    lora = layer.base_layer(x) + (4 / 2) * (x @ layer.lora_A.T @ layer.lora_B.T)  # rank 8, alpha / r = 2
+    torch.testing.assert_close(layer(x), lora, atol=1e-6, rtol=0)
 
 
 def test_target_autodetection_per_architecture():

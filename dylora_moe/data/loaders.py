@@ -22,8 +22,16 @@ def train_loader(dataset, pad_token_id: int, data_cfg, batch_size: int, seed: in
 
 def eval_loaders(datasets: dict, pad_token_id: int, batch_size: int, seed: int = 0) -> dict[str, DataLoader]:
     """One loader per source. Evaluation scores the answers only, whatever the training
-    objective, so losses stay comparable across recipes."""
+    objective, so losses stay comparable across recipes. Rows go shortest first: a loss
+    summed over tokens does not depend on the order, and batches of similar lengths pad
+    little (Code Alpaca + MBPP validation, batches of 8: 58-65% of the tokens are real in file
+    order, 95% sorted)."""
     collate = DataCollator(pad_token_id)
-    return {name: DataLoader(ds.select_columns(COLUMNS), batch_size=batch_size, collate_fn=collate,
+    return {name: DataLoader(by_length(ds.select_columns(COLUMNS)), batch_size=batch_size, collate_fn=collate,
                              generator=torch.Generator().manual_seed(seed))
             for name, ds in datasets.items()}
+
+
+def by_length(dataset):
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))

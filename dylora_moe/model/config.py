@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-ROUTER_INPUTS = ("base_hidden", "embeddings")
+ROUTER_INPUTS = ("base_hidden", "embeddings", "layer")
 ROUTINGS = ("sequence", "token")
 MIXTURES = ("deltas", "logits")
 BALANCE_LOSSES = ("mse", "switch")
@@ -105,6 +105,12 @@ class MoEConfig:
         need(self.router_noise == 0 or self.gating in ("top_k", "straight_through"), "router_noise",
              f"0 with gating={self.gating!r} (noise only chooses the experts of top_k / straight_through)")
         need(self.router_init in ROUTER_INITS, "router_init", f"one of {ROUTER_INITS}")
+        need(self.router_input != "layer" or self.routing == "token", "routing",
+             "'token' with router_input='layer' (each layer routes its own input tokens)")
+        need(self.router_input != "layer" or self.mixture == "deltas", "mixture",
+             "'deltas' with router_input='layer' (a pass per expert has no single gates to weigh)")
+        need(self.router_input != "layer" or self.router_init == "normal", "router_init",
+             "'normal' with router_input='layer' (k-means points one router's rows at clusters)")
         need(_is_num(self.router_init_scale) and math.isfinite(self.router_init_scale) and self.router_init_scale > 0,
              "router_init_scale", "a finite number > 0")
         need(self.loss_chunk_tokens is None or (_is_int(self.loss_chunk_tokens) and self.loss_chunk_tokens >= 0),

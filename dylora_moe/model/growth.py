@@ -1,8 +1,8 @@
 """Growing and pruning the experts of a DyLoRAMoE in place.
 
 Every per-expert tensor stacks its experts along one axis: lora_A (E*r x in) by rows,
-lora_B (out x E*r) by columns, the router's gate (E x hidden) and its per-expert buffers
-by rows. `expert_axes` lists them all, so growing, pruning, and widening an optimizer's
+lora_B (out x E*r) by columns, each layer's own router (E x in, router_input="layer"),
+the router's gate (E x hidden) and its per-expert buffers by rows. `expert_axes` lists them all, so growing, pruning, and widening an optimizer's
 state (train/growth.py) are one slicing rule applied everywhere.
 
 Why the outputs are unchanged when an expert is added, whatever its weights: B = 0 alone
@@ -63,6 +63,9 @@ def expert_axes(moe) -> list[ExpertAxis]:
         axes.append(ExpertAxis(layer, "lora_A", 0, layer.r,
                                lambda shape, g, b=bound: torch.empty(shape).uniform_(-b, b, generator=g)))
         axes.append(ExpertAxis(layer, "lora_B", 1, layer.r, lambda shape, g: torch.zeros(shape)))
+        if layer.lora_router is not None:
+            axes.append(ExpertAxis(layer, "lora_router", 0, 1,
+                                   lambda shape, g: torch.empty(shape).normal_(0.0, 0.02, generator=g)))
     axes.append(ExpertAxis(moe.router.gate, "weight", 0, 1,
                            lambda shape, g: torch.empty(shape).normal_(0.0, 0.02, generator=g)))
     axes += [ExpertAxis(moe.router, name, 0, 1) for name in PER_EXPERT_BUFFERS]

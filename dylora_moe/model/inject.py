@@ -100,7 +100,8 @@ def inject_experts(model: nn.Module, config: MoEConfig, slot: GateSlot) -> dict[
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = StackedLoRALinear(getattr(parent, leaf), config.num_experts, config.lora_r,
-                                  config.lora_alpha, config.lora_dropout, slot)
+                                  config.lora_alpha, config.lora_dropout, slot,
+                                  router=config.router_input == "layer")
         setattr(parent, leaf, layer)
         layers[name] = layer
     logger.info("%d expert(s) on %d module(s) of %s: %s", config.num_experts, len(names), type(model).__name__,

@@ -24,18 +24,38 @@ class GateSlot:
     """The gates of the current forward pass, shared by every stacked layer of a model.
 
     The wrapper writes them once per forward (already repeated r times per expert,
-    multiplied by the LoRA scaling alpha / r, which every layer shares, and cast to the
+    multiplied by the mixture's scale, which every layer shares, and cast to the
     activation dtype), so 70+ layers don't each redo that work, nor scale their outputs.
     They stay set after the forward on purpose: non-reentrant gradient checkpointing
     re-runs the layers during backward and must see the same gates.
+
+    With routers in the layers (MoEConfig.router_input="layer") each layer computes its
+    own gates from its input instead: `router` maps (input, the layer's router weight) to
+    gates (..., E), `scale` is the mixture's scale, every layer's gates are kept in
+    `recorded` (the wrapper's balance loss and statistics read them), and `routed_rows`
+    (B, 1, 1), when set, says which rows route so; the others keep `expanded`.
     """
 
     def __init__(self) -> None:
         self.expanded: Optional[torch.Tensor] = None  # (batch, 1 or T, E*r); None = experts off
         self.enabled: bool = True
+        self.in_layers: bool = False
+        self.router = None
+        self.scale: Optional[torch.Tensor] = None
+        self.routed_rows: Optional[torch.Tensor] = None
+        self.recorded: list[torch.Tensor] = []
 
     def active(self) -> Optional[torch.Tensor]:
         return self.expanded if self.enabled else None
+
+    def route_here(self, x: torch.Tensor, weight: torch.Tensor, r: int, fixed: torch.Tensor) -> torch.Tensor:
+        """One layer's own gates for its input x, expanded and scaled like `expanded`."""
+        gates = self.router(x, weight)
+        self.recorded.append(gates)
+        expanded = (gates.repeat_interleave(r, dim=-1) * self.scale).to(fixed.dtype)
+        if self.routed_rows is None:
+            return expanded
+        return torch.where(self.routed_rows, expanded, fixed)
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -57,7 +77,7 @@ def is_linear_like(layer: nn.Module) -> bool:
 
 class StackedLoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, num_experts: int, r: int, alpha: float,
-                 dropout: float, slot: GateSlot):
+                 dropout: float, slot: GateSlot, router: bool = False):
         super().__init__()
         in_features, out_features = linear_shape(base_layer)
         self.base_layer = base_layer
@@ -72,14 +92,22 @@ class StackedLoRALinear(nn.Module):
         # expert; B = 0 so a fresh mixture is exactly the base model.
         bound = 1.0 / math.sqrt(in_features)
         nn.init.uniform_(self.lora_A, -bound, bound)
+        # This layer's own router (MoEConfig.router_input="layer"): one row per expert,
+        # read from the layer's input, as MixLoRA and LoRAMoE route.
+        self.lora_router = None
+        if router:
+            self.lora_router = nn.Parameter(torch.empty(num_experts, in_features, device=device))
+            nn.init.normal_(self.lora_router, std=0.02)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._slot = slot  # a plain object, not a submodule: nothing to save
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        gates = self._slot.active()  # already scaled by alpha / r (GateSlot)
+        gates = self._slot.active()  # already scaled (GateSlot)
         if gates is None:
             return y
+        if self.lora_router is not None and self._slot.in_layers:
+            gates = self._slot.route_here(x, self.lora_router, self.r, gates)
         x = self.lora_dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             # A bf16 base with fp32 adapters and no autocast. Under autocast the matmul
@@ -95,7 +123,7 @@ class StackedLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
-                f"r={self.r}, scaling={self.scaling:g}")
+                f"r={self.r}, scaling={self.scaling:g}, router={self.lora_router is not None}")
 
 
 def _device_of(layer: nn.Module) -> torch.device:

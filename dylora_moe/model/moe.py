@@ -66,6 +66,9 @@ class DyLoRAMoE(nn.Module):
                                           self.config.temperature, mature=self.config.experts_mature,
                                           gating=self.config.gating, noise=self.config.router_noise)
         self.router.to(next(iter(self.experts.values())).lora_A.device)
+        self._slot.router = self.router.forward  # the layers' own routers (router_input="layer") use its gating
+        if self.config.router_input == "layer":
+            self.router.gate.weight.requires_grad_(False)  # unused: each layer holds its own rows
         self._lora_r = self.config.lora_r
         self._gate_override: Optional[torch.Tensor] = None
         self._routing_cache = None
@@ -104,6 +107,8 @@ class DyLoRAMoE(nn.Module):
         for name, layer in self.experts.items():
             state[f"{name}.lora_A"] = layer.lora_A
             state[f"{name}.lora_B"] = layer.lora_B
+            if layer.lora_router is not None:
+                state[f"{name}.lora_router"] = layer.lora_router
         state["router.gate.weight"] = self.router.gate.weight
         state["router.feature_center"] = self.router.feature_center
         for name in PER_EXPERT_BUFFERS:  # maturity, steps, admission, novelty library
@@ -156,7 +161,19 @@ class DyLoRAMoE(nn.Module):
             self._slot.expanded = None
             return
         dtype = self.experts_dtype(gates.device.type)
-        self._slot.expanded = (gates.repeat_interleave(self._lora_r, dim=-1) * self.config.scaling).to(dtype)
+        self._slot.in_layers = False
+        self._slot.expanded = (gates.repeat_interleave(self._lora_r, dim=-1) * self.gate_scale()).to(dtype)
+
+    def gate_scale(self) -> torch.Tensor:
+        """What every gate is multiplied by: alpha / r times the number of admitted
+        experts, so that gates summing to 1 give each expert its LoRA scale alpha / r
+        when the mix is uniform, and a uniform mixture of E experts of rank r is exactly
+        one LoRA of rank E*r at the same alpha / r. Without the count each expert would
+        move 1/E as fast as a LoRA at the same learning rate (with Adam, a scale is a
+        learning rate), and recipes would need E times the rate. An expert just added
+        (admission 0) does not count, so growth leaves the outputs as they were."""
+        admission = self.router.expert_admission
+        return self.config.scaling * admission.float().sum()
 
     def experts_dtype(self, device_type: str) -> torch.dtype:
         if torch.is_autocast_enabled(device_type):
@@ -292,32 +309,61 @@ class DyLoRAMoE(nn.Module):
         # ignores packing (restarting position_ids) when a cache is present.
         base_kwargs.setdefault("use_cache", False)
         units = self.routing_mask(attention_mask, labels, prompt_mask)
-        gates = self.route(input_ids, base_mask, units, base_kwargs.get("position_ids"), segment_ids=segment_ids)
-        token_gates, balance_mask = gates, units
-        if packed and self.config.routing == "sequence":
-            token_gates = expand_segments(gates, segment_ids)
-            balance_mask = segment_validity(segment_ids, gates.shape[1])
-        balance = balance_loss(gates, balance_mask, self.config.balance_loss)
-        out = MoEOutput(balance_loss=balance, routing_weights=gates)
+        if self.routes_in_layers:
+            self.route_in_layers()  # each layer routes its own input tokens during the pass
+        else:
+            gates = self.route(input_ids, base_mask, units, base_kwargs.get("position_ids"), segment_ids=segment_ids)
+            token_gates, balance_mask = gates, units
+            if packed and self.config.routing == "sequence":
+                token_gates = expand_segments(gates, segment_ids)
+                balance_mask = segment_validity(segment_ids, gates.shape[1])
+            self.set_gates(token_gates)
+        out = MoEOutput()
         chunk = self._loss_chunk_tokens() if labels is not None and self.training else 0
         if chunk:
             # Training: the loss straight from the hidden states, logits never whole.
-            self.set_gates(token_gates)
             hidden = self.decoder(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).last_hidden_state
             out.lm_loss, out.num_label_tokens = chunked_causal_lm_loss(
                 hidden, self.base_model.get_output_embeddings().weight, labels, num_items_in_batch, chunk,
                 getattr(self.base_model.config.get_text_config(), "final_logit_softcapping", None),
                 chunk_fn=self._chunk_loss_fn)
+        elif self.config.mixture == "deltas":
+            out.logits = self.base_model(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).logits
         else:
-            if self.config.mixture == "deltas":
-                out.logits = self._deltas_logits(input_ids, base_mask, token_gates, base_kwargs)
-            else:
-                out.logits = self._mixed_logits(input_ids, base_mask, token_gates, base_kwargs)
-            if labels is not None:
-                out.lm_loss, out.num_label_tokens = causal_lm_loss(out.logits, labels, num_items_in_batch)
+            out.logits = self._mixed_logits(input_ids, base_mask, token_gates, base_kwargs)
+        if labels is not None and out.lm_loss is None:
+            out.lm_loss, out.num_label_tokens = causal_lm_loss(out.logits, labels, num_items_in_batch)
+        if self.routes_in_layers:
+            gates, balance = self.layer_routing_result(units)
+        else:
+            balance = balance_loss(gates, balance_mask, self.config.balance_loss)
+        out.balance_loss, out.routing_weights = balance, gates
         if labels is not None:
             out.loss = out.lm_loss + self.config.balance_coefficient * balance
         return out
+
+    @property
+    def routes_in_layers(self) -> bool:
+        """Every layer routes its own input (router_input="layer"), unless gates are forced."""
+        return self.config.router_input == "layer" and self._gate_override is None
+
+    def route_in_layers(self) -> None:
+        """Arm the layers to route their own inputs in the next forward passes."""
+        slot = self._slot
+        slot.in_layers, slot.routed_rows, slot.recorded = True, None, []
+        slot.scale = self.gate_scale()
+        # Only its dtype and width matter: every row is routed in the layers.
+        slot.expanded = torch.zeros(1, 1, self.config.num_experts * self._lora_r, dtype=self.experts_dtype(
+            slot.scale.device.type), device=slot.scale.device)
+
+    def layer_routing_result(self, units: torch.Tensor):
+        """(the layers' mean gates (B, T, E), the mean of their balance losses) after a
+        forward that routed in the layers."""
+        recorded = self._slot.recorded
+        if not recorded:
+            raise RuntimeError("router_input='layer': no layer routed in this forward (no target layer ran)")
+        balance = torch.stack([balance_loss(g, units, self.config.balance_loss) for g in recorded]).mean()
+        return torch.stack([g.detach() for g in recorded]).mean(dim=0), balance
 
     def _loss_chunk_tokens(self) -> int:
         """Tokens per loss chunk, or 0 for the plain loss. The chunked path computes
@@ -334,10 +380,6 @@ class DyLoRAMoE(nn.Module):
         if setting is None:
             return auto_chunk_tokens(head.out_features)
         return setting
-
-    def _deltas_logits(self, input_ids, attention_mask, gates, base_kwargs):
-        self.set_gates(gates)
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs).logits
 
     def _mixed_logits(self, input_ids, attention_mask, gates, base_kwargs):
         """The reference algorithm: one full pass per expert with
@@ -381,6 +423,9 @@ class DyLoRAMoE(nn.Module):
         prefill = cache is None or cache.get_seq_length() == 0
         new = input_ids.shape[1]
         new_mask = attention_mask[:, -new:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if self.routes_in_layers:  # the layers route each new token themselves
+            self.route_in_layers()
+            return None
         if self.config.routing == "sequence":
             if prefill:  # the whole prompt; every later step keeps these gates
                 self.set_gates(self.route(input_ids, attention_mask, new_mask, position_ids))
@@ -402,6 +447,8 @@ class DyLoRAMoE(nn.Module):
         config = MoEConfig.from_dict(self.config.to_dict())
         config.target_modules = list(self.experts)  # exact layer names, so loading rebuilds the same
         config.extra = {**config.extra, "base_model_name_or_path": self._base_name()}
+        if gguf_file_of(self.base_model):
+            config.extra["base_gguf_file"] = gguf_file_of(self.base_model)
         config.save(out / CONFIG_FILE)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.expert_state_dict().items()}
         save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -438,8 +485,11 @@ class DyLoRAMoE(nn.Module):
         """Expert `index` as a standard PEFT LoRA adapter (PeftModel.from_pretrained loads it)."""
         if not 0 <= index < self.config.num_experts:
             raise ValueError(f"expert index {index}: expected 0..{self.config.num_experts - 1}")
+        # Gate 1 on one expert scales it by gate_scale(): PEFT's alpha / r must say the same.
+        alpha = float(self.gate_scale()) * self.config.lora_r
         return export_expert(self.base_model, self.experts, index, save_directory,
-                             self.config.lora_alpha, self.config.lora_dropout, self._base_name())
+                             alpha, self.config.lora_dropout, self._base_name(),
+                             gguf_file_of(self.base_model))
 
     def _base_name(self) -> Optional[str]:
         return getattr(self.base_model.config, "_name_or_path", None) or None
@@ -484,6 +534,15 @@ class DyLoRAMoE(nn.Module):
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def gguf_file_of(model: nn.Module) -> Optional[str]:
+    """The GGUF file a base was loaded from (transformers records it in the config's
+    quantization_config), or None: adapters and saved mixtures name it beside the folder."""
+    quant = getattr(model.config, "quantization_config", None)
+    if isinstance(quant, dict):
+        return quant.get("gguf_file") if quant.get("quant_method") == "gguf" else None
+    return getattr(quant, "gguf_file", None) if getattr(quant, "quant_method", None) == "gguf" else None
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The repeated transformer blocks (model.layers, transformer.h, gpt_neox.layers, ...):
     the list of the block class the model names in `_no_split_modules` (what transformers'
@@ -502,7 +561,7 @@ def _checkpointing(model) -> bool:
     return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
 
 
-_EXPERT_KEY = re.compile(r"(^|\.)lora_[AB]$|^(module\.)?router\.")
+_EXPERT_KEY = re.compile(r"(^|\.)lora_(A|B|router)$|^(module\.)?router\.")
 
 
 def is_expert_key(key: str) -> bool:

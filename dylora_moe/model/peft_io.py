@@ -15,7 +15,8 @@ from .layer import StackedLoRALinear, is_conv1d, is_linear_like
 
 
 def export_expert(base_model, layers: dict[str, StackedLoRALinear], index: int, out_dir,
-                  lora_alpha: float, lora_dropout: float, base_model_name_or_path: str | None) -> Path:
+                  lora_alpha: float, lora_dropout: float, base_model_name_or_path: str | None,
+                  gguf_file: str | None = None) -> Path:
     # Imported here: peft imports bitsandbytes, which on a CPU-only machine prints a
     # warning to stderr on import; every command that never exports would show it.
     from peft import LoraConfig
@@ -36,7 +37,21 @@ def export_expert(base_model, layers: dict[str, StackedLoRALinear], index: int, 
     )
     config.save_pretrained(str(out))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if gguf_file:
+        write_gguf_note(out, base_model_name_or_path, gguf_file)
     return out
+
+
+def write_gguf_note(out: Path, base, gguf_file: str) -> None:
+    """adapter_config.json has no field for a GGUF base, and loading the folder alone would
+    fail: say which file the adapter was trained on, and how to load it."""
+    (out / "README.md").write_text(
+        "# A LoRA adapter exported by DyLoRA-MoE\n\n"
+        f"Trained on a GGUF base: the file `{gguf_file}` in `{base}`. Load that base first, then the adapter:\n\n"
+        "```python\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base!r}, gguf_file={gguf_file!r})\n"
+        "model = PeftModel.from_pretrained(base, adapter_dir)  # adapter_dir: this folder\n"
+        "```\n")
 
 
 def _peft_targets(base_model, wrapped: list[str]) -> list[str]:

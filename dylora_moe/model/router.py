@@ -46,20 +46,24 @@ class DynamicHybridRouter(nn.Module):
         """Whether eval-mode gates are the training gates (without training's noise)."""
         return self.gating != "dense_train_top_k_eval" or not bool(self.expert_maturity.all())
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         # Gate math in fp32 whatever autocast says: a bf16 softmax over near-equal logits
         # flips top-k choices. Features are normalised (no parameters) so the temperature
         # means the same for embeddings and final hidden states of any scale.
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = features.float()
+            if weight is not None:  # a layer's own router: its input, not centred
+                return F.linear(F.layer_norm(x, x.shape[-1:]), weight.float())
             x = F.layer_norm(x, x.shape[-1:]) - self.feature_center.float()
             return F.linear(x, self.gate.weight.float())
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features (..., hidden) -> gates (..., E), fp32."""
+    def forward(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """features (..., hidden) -> gates (..., E), fp32. `weight`: a layer's own router
+        rows (E, in) in place of the gate's (MoEConfig.router_input="layer"); the
+        temperature, admission and gating are the mixture's either way."""
         # log(1) = 0 leaves admitted experts bitwise as they were; log(0) = -inf gives an
         # expert just added a gate of exactly 0 (the others renormalise over the same sum).
-        logits = self.logits(features) / self.temperature + self.expert_admission.float().log()
+        logits = self.logits(features, weight) / self.temperature + self.expert_admission.float().log()
         gating = self.gating
         if gating == "dense_train_top_k_eval":
             gating = "top_k_renormalised" if self.sparse else "dense"
@@ -205,6 +209,19 @@ def expand_segments(gates: torch.Tensor, segment_ids: torch.Tensor) -> torch.Ten
     """Per-segment gates (B, S, E) -> per-token gates (B, T, E); padding gets zeros (base only)."""
     index = segment_ids.clamp_min(0).unsqueeze(-1).expand(-1, -1, gates.shape[-1])
     return gates.gather(1, index) * (segment_ids >= 0).unsqueeze(-1).to(gates.dtype)
+
+
+def per_example_gates(gates: torch.Tensor, attention_mask: torch.Tensor,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Each example's mean gates, (B, S, E): S = 1 for unpacked rows, the packed examples
+    of a row otherwise (zeros where a row holds fewer; segment_validity says which).
+    gates (B, U, E) per sequence (U = 1), per packed example (U = S) or per token (U = T);
+    token gates are averaged over the example's real tokens, never its padding."""
+    if gates.shape[1] == 1 or (segment_ids is not None and gates.shape[1] != segment_ids.shape[1]):
+        return gates  # already one unit per example
+    if segment_ids is None:
+        return masked_mean(gates, attention_mask[:, -gates.shape[1]:])
+    return segment_mean(gates, attention_mask, segment_ids, int(segment_ids.max()) + 1)
 
 
 def segment_validity(segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:

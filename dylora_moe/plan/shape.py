@@ -55,7 +55,7 @@ class ModelShape:
     base_params: int                # frozen base, tied weights once
     quantizable_params: int         # weights bitsandbytes would quantize (Linears but the LM head)
     base_buffer_bytes: int
-    expert_params: int              # stacked A and B of every target
+    expert_params: int              # stacked A and B of every target (and its own router, if any)
     router_params: int
     layer_linears: list = field(default_factory=list)   # LinearShape of every base Linear of one layer
     layer_targets: list = field(default_factory=list)   # the ones wrapped by experts
@@ -167,8 +167,9 @@ def model_shape(hf_config, moe_cfg, base_model: str = "", source: str = "", attn
         vocab=text.vocab_size, num_heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=head_dim, base_params=sum(p.numel() for p in frozen), quantizable_params=quantizable,
         base_buffer_bytes=sum(b.numel() * b.element_size() for b in base.buffers()),
-        expert_params=sum(l.lora_A.numel() + l.lora_B.numel() for l in moe.experts.values()),
-        router_params=sum(p.numel() for p in moe.router.parameters()),
+        expert_params=sum(p.numel() for l in moe.experts.values() for n, p in l.named_parameters()
+                          if n.startswith("lora_")),  # A, B and a layer's own router
+        router_params=sum(p.numel() for p in moe.router.parameters() if p.requires_grad),
         layer_linears=linears, layer_targets=targets,
         layer_norms=[norm_shape(m, hidden) for m in layer.modules() if is_norm(m)],
         final_norm=next((norm_shape(m, hidden) for n, m in base.named_modules()

@@ -161,7 +161,7 @@ class Loop:
                     lm_sum += out.lm_loss.item()
                     balance_sum += out.balance_loss.item()
                     finite_batches += 1
-                    self.routing.add(out.routing_weights, batch.get("source_id"))
+                    self.routing.add(out.routing_weights, batch)
                     self.novelty.add(self.moe, batch, out.routing_weights)
                     self.state.nonfinite_in_a_row = 0
                 else:

@@ -43,8 +43,9 @@ class ExpertFreezer:
         for hook in getattr(self, "_hooks", []):
             hook.remove()
         self.moe = moe
-        # The experts' A and B; the router keeps learning (it must route the new data).
-        self.axes = [a for a in expert_axes(moe) if isinstance(a.module, StackedLoRALinear)]
+        # The experts' A and B; the routers keep learning (they must route the new data).
+        self.axes = [a for a in expert_axes(moe) if isinstance(a.module, StackedLoRALinear)
+                     and a.name in ("lora_A", "lora_B")]
         self.frozen = torch.zeros(moe.config.num_experts, dtype=torch.bool)
         self.snapshots: list[torch.Tensor | None] = [None] * len(self.axes)
         # FSDP2 shards (DTensor) never receive a gradient through autograd: mask_gradients instead.

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.router import per_example_gates, segment_validity
+
 
 class RoutingStats:
     """Running sums over one logging window (local to a rank until `reduced`)."""
@@ -21,15 +23,17 @@ class RoutingStats:
         self.source_units = torch.zeros(num_sources, device=device, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, gates: torch.Tensor, source_id: torch.Tensor | None) -> None:
-        """gates (B, U, E) (one unit per sequence / packed segment / token)."""
-        g = gates.detach().double()
-        if source_id is not None and source_id.dim() == 2:  # packed: one source per segment
-            valid = source_id >= 0
-            per_unit, sources = g[valid], source_id[valid]
+    def add(self, gates: torch.Tensor, batch: dict) -> None:
+        """gates (B, U, E) (one unit per sequence / packed example / token) of `batch`."""
+        segment_ids = batch.get("segment_ids")
+        per_example = per_example_gates(gates.detach().double(), batch["attention_mask"], segment_ids)
+        source_id = batch.get("source_id")
+        if segment_ids is not None:  # packed: one source per example, -1 where a row holds fewer
+            valid = segment_validity(segment_ids, per_example.shape[1])
+            per_unit = per_example[valid]
+            sources = source_id[valid] if source_id is not None else None
         else:
-            per_unit = g.mean(dim=1)  # per sequence
-            sources = source_id
+            per_unit, sources = per_example[:, 0], source_id
         self.gate_sum += per_unit.sum(0)
         self.top1 += torch.bincount(per_unit.argmax(-1), minlength=per_unit.shape[-1]).double()
         self.entropy += -(per_unit.clamp_min(1e-12).log() * per_unit).sum()

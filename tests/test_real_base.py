@@ -1,0 +1,121 @@
+"""A real pretrained base end to end: SmolLM2-135M-Instruct from its GGUF file (what
+`dylora-moe fetch smollm2-135m` caches), loaded, trained two steps, resumed, exported
+and generating real code.
+
+Needs the fetched file: .ci/run fetches it and sets DYLORA_SMOLLM2_DIR. Unset, these tests
+are skipped saying why; set but missing, they fail (a broken CI cannot pass by skipping).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainrun import ROOT, env
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    folder = os.environ.get("DYLORA_SMOLLM2_DIR")
+    if folder is None:  # set but empty (a failed fetch in `export X=$(...)`) fails below
+        pytest.skip("SmolLM2 GGUF: run `dylora-moe fetch smollm2-135m` and set DYLORA_SMOLLM2_DIR to the folder "
+                    "it prints with --print folder")
+    if not (Path(folder) / GGUF).is_file():
+        pytest.fail(f"DYLORA_SMOLLM2_DIR={folder} holds no {GGUF}")
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    root = os.environ.get("DYLORA_DATA_DIR")
+    if not root:
+        pytest.skip("reference data: set DYLORA_DATA_DIR")
+    return Path(root)
+
+
+def recipe_args(smollm2: Path, data_dir: Path, out: Path, steps: int) -> list[str]:
+    sources = (f"[{{name: code_alpaca, path: '{data_dir / 'code_alpaca_2k.json'}'}}, "
+               f"{{name: mbpp, path: '{data_dir / 'mbpp.jsonl'}'}}]")
+    return ["--config", str(ROOT / "configs" / "smollm2-135m.yaml"), "--base_model", str(smollm2),
+            "--gguf_file", GGUF, "--sources", sources, "--output_dir", str(out), "--max_steps", str(steps),
+            "--train_batch_size", "2", "--max_seq_length", "96", "--overlong", "drop", "--training_subset", "5",
+            "--eval_subset", "2", "--eval_batch_size", "4", "--save_every", "1", "--log_every", "1",
+            "--warmup_steps", "0"]
+
+
+def cli(*args, tmp: Path, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dylora_moe.cli", *map(str, args)], cwd=ROOT, env=env(tmp),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(smollm2, data_dir, tmp_path_factory):
+    """Two steps, then a third from the resumed checkpoint, as separate processes."""
+    tmp = tmp_path_factory.mktemp("smollm2")
+    out = tmp / "run"
+    first = cli("train", *recipe_args(smollm2, data_dir, out, 2), tmp=tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = cli("train", *recipe_args(smollm2, data_dir, out, 3), tmp=tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return out, first, resumed, tmp
+
+
+def test_gguf_base_trains_and_resumes(trained):
+    out, first, resumed, _ = trained
+    assert "resumed from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3]
+    assert all(0 < r["loss"] < 10 for r in records if "loss" in r)  # a pretrained model: far below ln(49152) = 10.8
+    saved = (out / "final" / "recipe.yaml").read_text()
+    assert f"gguf_file: {GGUF}" in saved
+    moe_config = json.loads((out / "final" / "experts" / "moe_config.json").read_text())
+    assert moe_config["extra"]["base_gguf_file"] == GGUF
+
+
+def test_exported_expert_names_its_gguf_base_and_matches_peft(trained, smollm2):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dylora_moe.eval.loading import load_run
+
+    out, *_ = trained
+    adapter = out / "final" / "peft_expert_1"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(smollm2)
+    assert GGUF in (adapter / "README.md").read_text()
+
+    loaded = load_run(out)
+    ids = loaded.tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids
+    with torch.no_grad(), loaded.moe.override_gates(torch.tensor([0.0, 1.0, 0.0, 0.0])):
+        forced = loaded.moe(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(smollm2, gguf_file=GGUF, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        exported = peft_model(input_ids=ids).logits
+    assert torch.allclose(forced, exported, atol=1e-4), (forced - exported).abs().max()
+
+
+def test_generate_writes_real_code(trained):
+    out, _, _, tmp = trained
+    done = cli("generate", out, "--prompt", "Write a Python function sum_list(xs) that returns the sum of a list.",
+               "--max_new_tokens", "48", tmp=tmp)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "def sum_list(" in done.stdout
+    assert "sha256" in done.stdout
+
+
+def test_a_file_that_is_not_gguf_is_one_line(smollm2, data_dir, tmp_path):
+    fake = tmp_path / "base"
+    fake.mkdir()
+    (fake / GGUF).write_bytes(b"PK\x03\x04 not a gguf file")
+    done = cli("train", *recipe_args(fake, data_dir, tmp_path / "run", 1), tmp=tmp_path, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: model.gguf_file:")
+    assert "is not a GGUF file" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
