@@ -30,7 +30,7 @@ from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
 from .loss import IGNORE_INDEX, auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
-from .peft_io import export_expert
+from .peft_io import export_expert, export_mixture
 from .quantized import keep_trainable_through
 from .router import (OPTIONAL_BUFFERS, PER_EXPERT_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
                      packed_prefixes, segment_mean, segment_validity)
@@ -440,6 +440,12 @@ class DyLoRAMoE(nn.Module):
             raise ValueError(f"expert index {index}: expected 0..{self.config.num_experts - 1}")
         return export_expert(self.base_model, self.experts, index, save_directory,
                              self.config.lora_alpha, self.config.lora_dropout, self._base_name())
+
+    def export_mixture(self, gates, save_directory) -> Path:
+        """The mixture at fixed gates (E,) as ONE standard PEFT LoRA adapter of rank E*r
+        (model/peft_io.py): vLLM, SGLang or PeftModel serve it as a plain LoRA."""
+        return export_mixture(self.base_model, self.experts, gates, save_directory, self.config.lora_alpha,
+                              self._base_name())
 
     def _base_name(self) -> Optional[str]:
         return getattr(self.base_model.config, "_name_or_path", None) or None
