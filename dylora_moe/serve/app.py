@@ -124,14 +124,14 @@ def _errors(app: FastAPI, service) -> None:
 def _validation_error(error: RequestValidationError) -> APIError:
     """The first problem pydantic found, as one line naming the field."""
     first = error.errors()[0]
-    field = _field_path(first.get("loc", ()))
+    field = _field_path(first.get("loc", ())) or "body"
     if first.get("type") == "json_invalid":
         return APIError(400, f"body: invalid JSON ({first.get('ctx', {}).get('error', first['msg'])})", param="body")
     if first.get("type") == "missing":
         return APIError(400, f"{field}: missing (required)", param=field)
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"{field}: unknown field (not supported by this server)", param=field)
-    return APIError(400, f"{field or 'body'}: {first['msg']}", param=field or "body")
+    return APIError(400, f"{field}: {first['msg']}", param=field)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "json-or-python"}

@@ -18,6 +18,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    ignore_eos: bool = False
 
 
 def generator(seed: Optional[int], choice: int) -> Optional[torch.Generator]:

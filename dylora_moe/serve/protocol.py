@@ -4,7 +4,8 @@ Strict types (a string is not a number) and the OpenAI ranges are checked by pyd
 a bad field is a 400 that names it. Unknown fields are refused rather than ignored: a
 client that asks for something this server does not do (tools, logprobs, penalties) learns
 it instead of getting an answer made without it. Extra fields of our own: `gates` (E
-numbers: the mixture to use instead of the router's) and `timeout` (seconds).
+numbers: the mixture to use instead of the router's), `timeout` (seconds) and, as vLLM
+has it, `ignore_eos`.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Sampled(BaseModel):
     # ours
     gates: Optional[list[float]] = Field(None, min_length=1)
     timeout: Optional[float] = Field(None, gt=0)
+    ignore_eos: Optional[bool] = False  # vLLM's name: decode max_tokens whatever the model says (benchmarks)
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

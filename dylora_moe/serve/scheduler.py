@@ -158,6 +158,7 @@ class Scheduler:
             logits = self.engine.decode(self.batch, [r.pending for r in self.rows])
             self._accept(self.rows, logits)
             self._leave()
+        self._gauge()
 
     def _accept(self, rows: list[Row], logits: torch.Tensor) -> None:
         tokens = pick_rows(logits, [r.job.sampling for r in rows], [r.rng for r in rows])
@@ -173,7 +174,7 @@ class Scheduler:
             if self.metrics:
                 self.metrics.first_token(now - job.submitted)
         row.generated += 1
-        if token in self.eos:
+        if token in self.eos and not job.sampling.ignore_eos:
             delta, row.finish = row.stream.flush(), "stop"
         else:
             delta, stopped = row.stream.push(token)

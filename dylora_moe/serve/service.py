@@ -79,7 +79,8 @@ class Service:
             raise APIError(400, "stop: expected up to 4 non-empty strings", param="stop")
         chosen = max_tokens or min(default_max_tokens or limits.max_tokens, limits.max_tokens, room)
         temperature = 1.0 if body.temperature is None else body.temperature
-        return Sampling(chosen, temperature, 1.0 if body.top_p is None else body.top_p, stops, body.seed), n
+        top_p = 1.0 if body.top_p is None else body.top_p
+        return Sampling(chosen, temperature, top_p, stops, body.seed, bool(body.ignore_eos)), n
 
     def submit(self, prompts, variant: Variant, sampling: Sampling, n: int, timeout: Optional[float]):
         """Queue the job; returns it with the asyncio queue its events arrive on."""
