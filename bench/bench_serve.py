@@ -3,13 +3,14 @@ token at 1, 4, 16 and 64 concurrent clients (closed loop: each client sends its 
 request when the last one ends), for three servers of the same base, one at a time:
 
 - mixed: the mixture, each request a random variant (routed, expert-i, uniform, base),
-  rows of different mixtures decoded together (--max_batch 64);
+  rows of different mixtures decoded together (--max_batch 64); and the same without the
+  routed variant ("fixed gates only": no routing pass at prefill);
 - one at a time: the same server and requests with --max_batch 1;
 - plain LoRA: the same base with ONE PEFT LoRA adapter (the mixture exported at uniform
   gates: rank E*r, the same matmuls) through the same scheduler and HTTP stack. Same
   scheduler on purpose: what is compared is the cost of per-row gates, not two servers.
 
-    python bench/bench_serve.py                      # the table (~5 min on 2 cores)
+    python bench/bench_serve.py                      # the table (~10 min on 2 cores)
     python bench/bench_serve.py --soak 600           # 16 clients for 600 s: failures counted
     python bench/bench_serve.py --levels 1,4 --requests 4 --max_tokens 8   # a smoke run
 
@@ -50,7 +51,8 @@ PROMPTS = ["Write a function add_3(xs) that returns a new list with 3 added to e
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default="1,4,16,64", help="concurrent clients")
-    p.add_argument("--requests", type=int, default=2, help="requests per client at each level (at least 8 in all)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client and round (at least 8 in all)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over the modes at each level")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--soak", type=float, help="seconds of 16 clients against the mixed server, then stop")
     p.add_argument("--dir", default=str(ROOT / "bench" / "results" / "serve-model"), help="where the model is built")
@@ -197,7 +199,7 @@ def bodies(models: list, max_tokens: int, seed: int):
 
 
 async def closed_loop(port: int, models: list, clients: int, per_client: int, max_tokens: int,
-                      seconds: float | None = None) -> dict:
+                      seconds: float | None = None, raw: bool = False):
     url = f"http://127.0.0.1:{port}/v1/completions"
     results, stop_at = [], (time.monotonic() + seconds) if seconds else None
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -215,7 +217,7 @@ async def closed_loop(port: int, models: list, clients: int, per_client: int, ma
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(clients)))
         wall = time.perf_counter() - start
-    return summary(results, wall, clients)
+    return (results, wall) if raw else summary(results, wall, clients)
 
 
 def summary(results: list, wall: float, clients: int) -> dict:
@@ -238,35 +240,53 @@ def mixture_models(name: str) -> list:
 
 
 SERVERS = {
-    # mode -> (command after `python`, the models its clients ask for)
-    "mixed": (lambda d, a, p: ["-m", "dylora_moe.cli", "serve", str(d), "--port", str(p), "--threads", "1",
-                               "--max_batch", "64", "--name", "mix"], mixture_models("mix")),
-    "one at a time": (lambda d, a, p: ["-m", "dylora_moe.cli", "serve", str(d), "--port", str(p), "--threads", "1",
-                                       "--max_batch", "1", "--name", "mix"], mixture_models("mix")),
-    "plain LoRA": (lambda d, a, p: [str(Path(__file__).resolve()), "--peft_server", str(d), str(a), str(p)],
-                   ["plain:expert-0"]),
+    # server -> the command after `python`
+    "mixed": lambda d, p: ["-m", "dylora_moe.cli", "serve", str(d), "--port", str(p), "--threads", "1",
+                           "--max_batch", "64", "--name", "mix"],
+    "one at a time": lambda d, p: ["-m", "dylora_moe.cli", "serve", str(d), "--port", str(p), "--threads", "1",
+                                   "--max_batch", "1", "--name", "mix"],
+    "plain LoRA": lambda d, p: [str(Path(__file__).resolve()), "--peft_server", str(d), str(d / "adapter"), str(p)],
+}
+# row label -> (server, the models its clients ask for, at random)
+MODES = {
+    "mixed": ("mixed", mixture_models("mix")),
+    "mixed, fixed gates only": ("mixed", mixture_models("mix")[1:]),
+    "one at a time": ("one at a time", mixture_models("mix")),
+    "plain LoRA": ("plain LoRA", ["plain:expert-0"]),
 }
 
 
 def run_table(args, folder: Path) -> list:
-    rows = []
+    """Every server up at once (idle ones cost nothing), and the modes interleaved over
+    rounds at each level, so that load from elsewhere on the machine hits them alike."""
     levels = [int(x) for x in args.levels.split(",")]
-    for mode, (command, models) in SERVERS.items():
-        port = free_port()
-        proc = start([sys.executable, *command(folder, folder / "adapter", port)], port,
-                     folder / f"server-{mode.replace(' ', '-')}.log")
-        try:
-            asyncio.run(closed_loop(port, models, 2, 1, args.max_tokens))  # warm-up
-            for clients in levels:
-                result = asyncio.run(closed_loop(port, models, clients, max(args.requests, -(-8 // clients)),
-                                                 args.max_tokens))
-                rows.append({"server": mode, **result})
-                print(f"{mode:>14} x{clients:<3} {result['requests_per_s']:7.2f} req/s {result['tokens_per_s']:8.1f} "
-                      f"tok/s p50 {result['latency_p50_s']:.3f}s p99 {result['latency_p99_s']:.3f}s ttft p50 "
-                      f"{result['ttft_p50_s']:.3f}s failed {result['failed']}", flush=True)
-        finally:
+    ports = {name: free_port() for name in SERVERS}
+    procs = {}
+    try:
+        for name, command in SERVERS.items():
+            procs[name] = start([sys.executable, *command(folder, ports[name])], ports[name],
+                                folder / f"server-{name.replace(' ', '-')}.log")
+        for mode, (server, models) in MODES.items():  # warm-up: first calls are not steady state
+            asyncio.run(closed_loop(ports[server], models, 2, 1, args.max_tokens))
+        rows = []
+        for clients in levels:
+            pooled = {mode: ([], 0.0) for mode in MODES}
+            for _ in range(args.rounds):
+                for mode, (server, models) in MODES.items():
+                    results, wall = asyncio.run(closed_loop(ports[server], models, clients,
+                                                            max(args.requests, -(-8 // clients)), args.max_tokens,
+                                                            raw=True))
+                    pooled[mode] = (pooled[mode][0] + results, pooled[mode][1] + wall)
+            for mode, (results, wall) in pooled.items():
+                row = {"server": mode, **summary(results, wall, clients)}
+                rows.append(row)
+                print(f"{mode:>24} x{clients:<3} {row['requests_per_s']:7.2f} req/s {row['tokens_per_s']:8.1f} tok/s "
+                      f"p50 {row['latency_p50_s']:.3f}s p99 {row['latency_p99_s']:.3f}s ttft p50 "
+                      f"{row['ttft_p50_s']:.3f}s failed {row['failed']}", flush=True)
+        return rows
+    finally:
+        for proc in procs.values():
             stop(proc)
-    return rows
 
 
 def markdown(rows: list) -> str:
@@ -278,17 +298,18 @@ def markdown(rows: list) -> str:
                      f"{r['ttft_p99_s']:.3f} | {r['failed']} |")
     by = {(r["server"], r["clients"]): r["tokens_per_s"] for r in rows}
     for clients in sorted({r["clients"] for r in rows}):
-        mixed = by.get(("mixed", clients))
-        if mixed and by.get(("one at a time", clients)) and by.get(("plain LoRA", clients)):
+        mixed, fixed = by.get(("mixed", clients)), by.get(("mixed, fixed gates only", clients))
+        if mixed and fixed and by.get(("one at a time", clients)) and by.get(("plain LoRA", clients)):
             lines.append(f"\nx{clients}: mixed / one at a time {mixed / by[('one at a time', clients)]:.2f}x, "
-                         f"mixed / plain LoRA {mixed / by[('plain LoRA', clients)]:.2f}x")
+                         f"mixed / plain LoRA {mixed / by[('plain LoRA', clients)]:.2f}x, "
+                         f"fixed gates only / plain LoRA {fixed / by[('plain LoRA', clients)]:.2f}x")
     return "\n".join(lines)
 
 
 def soak(args, folder: Path) -> dict:
     port = free_port()
-    command, models = SERVERS["mixed"]
-    proc = start([sys.executable, *command(folder, None, port)], port, folder / "server-soak.log")
+    proc = start([sys.executable, *SERVERS["mixed"](folder, port)], port, folder / "server-soak.log")
+    models = MODES["mixed"][1]
     try:
         result = asyncio.run(closed_loop(port, models, 16, 0, args.max_tokens, seconds=args.soak))
     finally:

@@ -196,3 +196,20 @@ def _refused(server) -> bool:
         return httpx.get(server.url + "/health", timeout=2).status_code == 503
     except httpx.HTTPError:
         return True
+
+
+def test_bad_flags_are_one_line_errors(serve_run, tmp_path, capsys):
+    from dylora_moe.cli import main
+
+    for argv, message in ((["serve", str(serve_run), "--max_batch", "0"], "--max_batch 0: expected an integer >= 1"),
+                          (["serve", str(serve_run), "--port", "70000"], "--port 70000: expected 1..65535"),
+                          (["serve", str(serve_run), "--drain_timeout", "0"], "--drain_timeout 0.0: expected seconds > 0"),
+                          (["export", str(serve_run), "--gates", "1,x", "--out", str(tmp_path / "a")],
+                           "--gates 1,x: expected comma-separated numbers"),
+                          (["export", str(serve_run), "--gates", "1,1", "--out", str(tmp_path / "b")],
+                           "--gates: expected 4 values (one per expert), got 2"),
+                          (["export", str(serve_run), "--source", "nope", "--out", str(tmp_path / "c")],
+                           "--source nope: not a data source of this run; expected one of demo:numbers, demo:strings")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"error: {message}", err

@@ -131,18 +131,16 @@ class Engine:
 
     # ------------------------------------------------------------------ one at a time
     @torch.no_grad()
-    def generate_one(self, prompt: Sequence[int], fixed: Optional[torch.Tensor], max_tokens: int, sample: Callable,
+    def generate_one(self, prompt: Sequence[int], max_tokens: int, sample: Callable,
                      on_token: Callable[[int], bool]) -> None:
-        """A request served alone through `moe.generate` (token routing). `sample(logits)`
-        picks each token; `on_token(token)` takes it and says whether the request is done."""
+        """A routed request served alone through `moe.generate`, which re-routes every token
+        (token routing). `sample(logits)` picks each token; `on_token(token)` takes it and
+        says whether the request is done (end of text, a stop string, a deadline ...)."""
         ids, mask = self._left_padded([prompt])
-        pick = _Picker(sample)
         stream = _Feed(on_token)
-        context = self.moe.override_gates(fixed) if fixed is not None else _nothing()
-        with context:
-            self.moe.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                              logits_processor=[pick], streamer=stream, pad_token_id=self.pad_id,
-                              stopping_criteria=StoppingCriteriaList([stream]), eos_token_id=None)
+        self.moe.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                          logits_processor=[_Picker(sample)], streamer=stream, pad_token_id=self.pad_id,
+                          stopping_criteria=StoppingCriteriaList([stream]))
 
 
 class _Picker:
@@ -175,14 +173,6 @@ class _Feed(BaseStreamer, StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.done, dtype=torch.bool, device=input_ids.device)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -214,10 +214,18 @@ class Scheduler:
             done = self._take(row, token, time.monotonic())
             return done or job.cancelled or time.monotonic() > job.deadline
 
-        self.engine.generate_one(row.prompt, None, job.sampling.max_tokens,
+        self.engine.generate_one(row.prompt, job.sampling.max_tokens,
                                  lambda logits: pick(logits, job.sampling, row.rng), on_token)
-        if not row.finish and not job.cancelled:
+        if row.finish or job.cancelled:
+            return
+        if time.monotonic() > job.deadline:
             job.emit(("error", 504, f"the request's deadline passed after {row.generated} tokens"))
+            return
+        # generate stopped on its own (its end-of-text token, even with ignore_eos)
+        row.finish, delta = "stop", row.stream.flush()
+        if delta:
+            job.emit(("delta", row.index, delta))
+        job.emit(("finish", row.index, row.finish, row.generated))
 
     def _fail_all(self, error: Exception, newcomers: list[Row]) -> None:
         traceback.print_exception(error)
