@@ -205,7 +205,7 @@ def test_bad_flags_are_one_line_errors(serve_run, tmp_path, capsys):
                           (["serve", str(serve_run), "--port", "70000"], "--port 70000: expected 1..65535"),
                           (["serve", str(serve_run), "--drain_timeout", "0"], "--drain_timeout 0.0: expected seconds > 0"),
                           (["export", str(serve_run), "--gates", "1,x", "--out", str(tmp_path / "a")],
-                           "--gates 1,x: expected comma-separated numbers"),
+                           "--gates 1,x: expected comma-separated numbers, e.g. 0.5,0.5,0,0"),
                           (["export", str(serve_run), "--gates", "1,1", "--out", str(tmp_path / "b")],
                            "--gates: expected 4 values (one per expert), got 2"),
                           (["export", str(serve_run), "--source", "nope", "--out", str(tmp_path / "c")],
