@@ -191,21 +191,30 @@ async def one_request(client, url, body) -> dict:
     return {"ok": done, "latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
 
 
-def bodies(models: list, max_tokens: int, seed: int):
+def bodies(models: list, max_tokens: int, seed: int, varied: bool = False):
+    """Requests for one client. `varied` (the soak): sampling with seeds, n of 1 or 2, stop
+    strings, gates of the client's own, lengths from 1 to 2 x max_tokens."""
     rng = random.Random(seed)
     while True:
-        yield {"model": rng.choice(models), "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens,
-               "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        body = {"model": rng.choice(models), "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        if varied:
+            body.update(max_tokens=rng.randint(1, 2 * max_tokens), ignore_eos=rng.random() < 0.5,
+                        temperature=rng.choice([0, 0.7, 1.0]), top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1000),
+                        n=rng.choice([1, 1, 2]), stop=rng.choice([None, ["\n\n"], ["return"]]))
+            if rng.random() < 0.2:
+                body.update(model=models[0], gates=[rng.random() + 0.01 for _ in range(EXPERTS)])
+        yield body
 
 
 async def closed_loop(port: int, models: list, clients: int, per_client: int, max_tokens: int,
-                      seconds: float | None = None, raw: bool = False):
+                      seconds: float | None = None, raw: bool = False, varied: bool = False):
     url = f"http://127.0.0.1:{port}/v1/completions"
     results, stop_at = [], (time.monotonic() + seconds) if seconds else None
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker(index: int):
-            requests = bodies(models, max_tokens, index)
+            requests = bodies(models, max_tokens, index, varied)
             count = 0
             while (stop_at and time.monotonic() < stop_at) or (not stop_at and count < per_client):
                 try:
@@ -311,7 +320,7 @@ def soak(args, folder: Path) -> dict:
     proc = start([sys.executable, *SERVERS["mixed"](folder, port)], port, folder / "server-soak.log")
     models = MODES["mixed"][1]
     try:
-        result = asyncio.run(closed_loop(port, models, 16, 0, args.max_tokens, seconds=args.soak))
+        result = asyncio.run(closed_loop(port, models, 16, 0, args.max_tokens, seconds=args.soak, varied=True))
     finally:
         result["exit_code"] = stop(proc)
     print(f"soak {args.soak:.0f}s x16: {result['requests']} requests, {result['failed']} failed "

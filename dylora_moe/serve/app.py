@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from .metrics import CONTENT_TYPE
 from .prompts import chat_prompt, completion_prompts
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
-from .responses import Response as Answer
+from .responses import Answer
 
 log = logging.getLogger("dylora_moe.serve")
 

@@ -23,8 +23,8 @@ class Choice:
     tokens: int = 0
 
 
-class Response:
-    """One response being assembled: chat or text completion, streamed or not."""
+class Answer:
+    """One answer being assembled: chat or text completion, streamed or not."""
 
     def __init__(self, service, job, events: asyncio.Queue, request, model: str, chat: bool, prompt_tokens: int,
                  include_usage: bool = False):
