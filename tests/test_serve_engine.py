@@ -135,3 +135,25 @@ def test_a_full_queue_refuses_and_a_cancelled_row_leaves():
         assert not scheduler.rows and not scheduler.waiting and not sink  # nothing generated for it
     finally:
         scheduler.stop()
+
+
+def test_chat_prompts_use_the_template_else_the_training_one():
+    from types import SimpleNamespace
+
+    from dylora_moe.data.formatting import alpaca_prompt
+    from dylora_moe.data.tokenize import build_demo_tokenizer
+    from dylora_moe.serve.prompts import chat_prompt
+    from dylora_moe.serve.protocol import APIError
+
+    tok = build_demo_tokenizer(["hello there, write add_3", "system: be brief"], vocab_size=300)
+    say = [SimpleNamespace(role="system", text=lambda: "be brief"), SimpleNamespace(role="user", text=lambda: "hi")]
+    bos = [tok.bos_token_id]
+    assert chat_prompt(tok, say) == bos + tok(alpaca_prompt("hi", "system: be brief"), add_special_tokens=False)["input_ids"]
+    with pytest.raises(APIError, match="the last message must be the user's"):
+        chat_prompt(tok, say[:1])
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    assert chat_prompt(tok, say) == tok("[system]be brief[user]hi[assistant]", add_special_tokens=False)["input_ids"]
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(APIError, match="roles must alternate") as refused:
+        chat_prompt(tok, say)
+    assert refused.value.status == 400 and refused.value.param == "messages"
