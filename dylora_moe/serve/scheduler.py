@@ -111,16 +111,19 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-                newcomers = self._admit()
+                newcomers, alone = self._admit()
             try:
+                for job in alone:  # outside the lock: submit() must not wait for a whole request
+                    self._solo(job)
                 self._step(newcomers)
             except Exception as error:  # noqa: BLE001 - a bug fails the batch's requests, never the server
-                self._fail_all(error, newcomers)
-        for row in self.rows:
-            row.job.emit(("error", 503, "the server is shutting down"))
+                self._fail_all(error, newcomers + [row for job in alone for row in job.rows])
+        for job in [*{id(r.job): r.job for r in self.rows}.values(), *self.waiting]:
+            job.emit(("error", 503, "the server is shutting down"))
 
-    def _admit(self) -> list[Row]:
-        free, out = self.max_batch - len(self.rows), []
+    def _admit(self) -> tuple[list[Row], list[Job]]:
+        """Rows for the waiting jobs that fit, in order; and the jobs to serve alone."""
+        free, out, alone = self.max_batch - len(self.rows), [], []
         while self.waiting and self.waiting[0].width <= free - len(out):
             job = self.waiting.popleft()
             if job.cancelled:
@@ -129,11 +132,11 @@ class Scheduler:
                 job.emit(("error", 503, "the request waited past its deadline in the queue"))
                 continue
             if job.fixed is None and not self.engine.batches_routed_rows:
-                self._solo(job)
+                alone.append(job)
                 continue
             out += self._rows(job)
         self._gauge()
-        return out
+        return out, alone
 
     def _rows(self, job: Job) -> list[Row]:
         job.rows = [Row(job, p * job.n + c, prompt, job.fixed, TextStream(self.tokenizer, job.sampling.stop),
