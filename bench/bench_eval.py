@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dylora_moe.eval.functional import Decoding, load_tasks  # noqa: E402
-from dylora_moe.eval.generate import Routing, generate_batch, generation_config, left_padded  # noqa: E402
+from dylora_moe.eval.generate import generate_batch, generation_config, left_padded  # noqa: E402
 from dylora_moe.eval.loading import load_run  # noqa: E402
 from dylora_moe.eval.sandbox import CLEAN_ENV, Limits, interpreter, run_many  # noqa: E402
+from dylora_moe.eval.variants import resolve  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -59,7 +60,7 @@ def one_at_a_time(loaded, tasks, decoding, routing) -> list:
     for task in tasks:
         for sample in range(decoding.n):
             torch.manual_seed(zlib.crc32(f"{task.id}/{sample}".encode()))
-            if not routing.base:
+            if not routing.is_base:
                 with torch.no_grad():
                     loaded.moe(**left_padded(loaded.tokenizer, [task.prompt]))
             [(texts, _)] = generate_batch(loaded, [task.prompt], config, routing)
@@ -106,7 +107,8 @@ def main(argv=None) -> dict:
     default_threads = torch.get_num_threads()
     rows, samples = [], []
     few = tasks[:max(1, len(tasks) // 2)]  # the slow path on half the tasks: samples/s compare all the same
-    for name, routing in (("mixture", Routing()), ("base", Routing(base=True))):
+    for name in ("mixture", "base"):
+        routing = resolve(name, loaded.moe.config.num_experts)
         batched(loaded, tasks[:1], decoding, routing, 1)  # warm-up: first-call costs are not per sample
         torch.set_num_threads(default_threads)
         _, before = timed(lambda: one_at_a_time(loaded, few, decoding, routing))

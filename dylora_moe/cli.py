@@ -3,6 +3,8 @@
     dylora-moe train --config configs/demo.yaml [--field value ...]
     dylora-moe plan --config configs/codegemma-2b.yaml [--field value ...] [--gpu L4] [--json]
     dylora-moe prune RUN --threshold 0.02 [--output DIR]
+    dylora-moe serve RUN [--host 127.0.0.1 --port 8000]
+    dylora-moe export RUN --gates 0.5,0.5,0,0 --out DIR
     dylora-moe submit vertex --project P --region R --image URI --base_output_dir gs://B/run [--dry-run]
 
 Every command shares one error path (dylora_moe/errors.py): a mistake the user can fix
@@ -25,6 +27,10 @@ COMMANDS = {
                  "generate from a trained run: RUN --prompt ... [--expert i|--uniform|--base]"),
     "eval": (("eval",), "dylora_moe.eval.functional:main",
              "loss per source and pass@k (MBPP, HumanEval, demo) of a run; --compare"),
+    "serve": (("serve",), "dylora_moe.serve.cli:main",
+              "an OpenAI-compatible server: RUN [--host 127.0.0.1 --port 8000]; model NAME[:expert-i|:uniform|:base]"),
+    "export": (("export",), "dylora_moe.serve.export:main",
+               "the mixture at fixed gates as one PEFT LoRA adapter: RUN --gates ...|--source NAME --out DIR"),
     "report": (("report",), "dylora_moe.eval.report:main",
                "routing report of a run: plots and a markdown summary"),
     "plan": (("plan",), "dylora_moe.plan:main",

@@ -103,3 +103,11 @@ def small_tmpfs(path, size: str):
         yield path
     finally:
         subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory):
+    """A tiny trained run whose experts differ, for the serving tests (tests/serverun.py)."""
+    from serverun import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("serve-run"))

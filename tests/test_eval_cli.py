@@ -4,9 +4,10 @@ import pytest
 import torch
 from trainrun import SMALL, explain, run
 
-from dylora_moe.eval.generate import Routing, generate_batch, generate_text, generation_config, main as generate_main
+from dylora_moe.eval.generate import generate_batch, generate_text, generation_config, main as generate_main
 from dylora_moe.eval.loading import load_run, portable_dir, weights_hash
 from dylora_moe.eval.report import main as report_main
+from dylora_moe.eval.variants import resolve
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,11 @@ def test_generate_routes_forces_and_disables_experts(trained, capsys):
     config = loaded.moe.config
     assert sum(g > 0 for g in routed) == (config.num_experts if config.gating == "dense" else config.top_k)
     assert abs(sum(routed) - 1) < 1e-5
-    _, forced = generate_text(loaded, prompt, max_new_tokens=5, expert=2)
+    _, forced = generate_text(loaded, prompt, max_new_tokens=5, variant="expert-2")
     assert forced == [0.0, 0.0, 1.0, 0.0]
-    _, uniform = generate_text(loaded, prompt, max_new_tokens=5, uniform=True)
+    _, uniform = generate_text(loaded, prompt, max_new_tokens=5, variant="uniform")
     assert uniform == [0.25] * 4
-    text, none = generate_text(loaded, prompt, max_new_tokens=5, base=True)
+    text, none = generate_text(loaded, prompt, max_new_tokens=5, variant="base")
     assert none is None
     from transformers import AutoModelForCausalLM
 
@@ -69,11 +70,11 @@ def test_batched_generation_equals_one_prompt_at_a_time(trained):
     prompts = ["### Instruction:\nWrite a function add_3(xs).\n\n### Response:\n",
                "### Instruction:\nWrite a function reverse_text(s) that returns s reversed.\n\n### Response:\n",
                "def"]
-    for routing in (Routing(), Routing(expert=1)):
+    for name in ("routed", "expert-1"):
         config = generation_config(loaded.tokenizer, max_new_tokens=12)
-        together = generate_batch(loaded, prompts, config, routing, n=3)
+        together = generate_batch(loaded, prompts, config, resolve(name, 4), n=3)
         for prompt, (texts, gates) in zip(prompts, together):
-            alone, alone_gates = generate_text(loaded, prompt, max_new_tokens=12, expert=routing.expert)
+            alone, alone_gates = generate_text(loaded, prompt, max_new_tokens=12, variant=name)
             assert texts == [alone] * 3 and gates == pytest.approx(alone_gates)
     torch.manual_seed(0)
     sampled = generate_batch(loaded, prompts, generation_config(loaded.tokenizer, 12, temperature=1.0, n=4))

@@ -14,7 +14,7 @@ LAYERS = [
     ["dylora_moe.data"],                                   # sources -> batches (labels for model/loss)
     ["dylora_moe.recipe", "dylora_moe.checkpoint"],        # a run's recipe; a run's checkpoints on disk
     ["dylora_moe.eval", "dylora_moe.plan"],                            # using a trained run; planning one
-    ["dylora_moe.train"],                                  # making one (its eval comes from eval/)
+    ["dylora_moe.train", "dylora_moe.serve"],              # making one (its eval comes from eval/); serving one
     ["launch"],                                            # running it on Vertex AI
     ["dylora_moe.cli"],                                    # every command
 ]

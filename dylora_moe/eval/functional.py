@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data import DataConfig, load_examples
 from ..errors import guarded
-from .generate import Routing, check_decoding, generate_batch, generation_config
+from .generate import check_decoding, generate_batch, generation_config
 from .health import routing_warnings
 from .isolation import detect
 from .loading import load_run
@@ -38,6 +38,7 @@ from .prompts import Task  # noqa: F401  (the eval task type, importable beside 
 from .prompts import FORMATS, check_format, humaneval_task, mbpp_task
 from .samples import SampleStore, settings_key
 from .sandbox import Limits, run_many
+from .variants import names as variant_names, resolve
 
 TASK_SETS = tuple(FORMATS)
 
@@ -90,12 +91,9 @@ def contamination_warnings(recipe, names) -> list[str]:
 VARIANTS_HELP = "mixture (routed), expert-i, uniform, base"
 
 
-def variants(num_experts: int, compare: bool) -> list[dict]:
-    out = [{"name": "mixture"}]
-    if compare:
-        out += [{"name": f"expert-{i}", "expert": i} for i in range(num_experts)]
-        out += [{"name": "uniform", "uniform": True}, {"name": "base", "base": True}]
-    return out
+def variants(num_experts: int, compare: bool) -> list[str]:
+    """The variants scored, by name (eval/variants.py); the routed one is called "mixture"."""
+    return ["mixture", *variant_names(num_experts)[1:]] if compare else ["mixture"]
 
 
 def run_settings(loaded, tasks, task_set: str, decoding: Decoding, limits: Limits) -> dict:
@@ -120,14 +118,13 @@ def evaluate_functional(loaded, tasks, out_dir: Path, decoding: Decoding = Decod
               f"{store.path.with_name('samples.stale.jsonl')}", file=sys.stderr)
     rows = []
     with ThreadPoolExecutor(max_workers=1) as executor:
-        for variant in variants(loaded.moe.config.num_experts, compare):
-            name = variant["name"]
+        for name in variants(loaded.moe.config.num_experts, compare):
             todo = [t for t in tasks if store.missing(name, t.id, decoding.n)]
             bar = tqdm(total=len(todo) * decoding.n, desc=f"{label}{name}", disable=not todo or not sys.stderr.isatty())
             pending = None
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                generated = _generate(loaded, batch, variant, decoding)
+                generated = _generate(loaded, batch, name, decoding)
                 if pending is not None:
                     bar.update(_record(store, *pending.result()))
                 # execute this batch while the next one is generated; recorded before the next starts
@@ -139,13 +136,13 @@ def evaluate_functional(loaded, tasks, out_dir: Path, decoding: Decoding = Decod
     return rows
 
 
-def _generate(loaded, batch, variant: dict, decoding: Decoding) -> list[tuple]:
+def _generate(loaded, batch, name: str, decoding: Decoding) -> list[tuple]:
     # the same draws whenever this batch is generated again
-    torch.manual_seed(zlib.crc32(f"{variant['name']}/{batch[0].id}/{len(batch)}".encode()))
+    torch.manual_seed(zlib.crc32(f"{name}/{batch[0].id}/{len(batch)}".encode()))
     config = generation_config(loaded.tokenizer, decoding.max_new_tokens, decoding.temperature, decoding.top_p,
                                decoding.n, batch[0].stops)
-    routing = Routing(variant.get("expert"), variant.get("uniform", False), variant.get("base", False))
-    return generate_batch(loaded, [t.prompt for t in batch], config, routing, batch[0].stops, n=decoding.n)
+    variant = resolve(name, loaded.moe.config.num_experts)
+    return generate_batch(loaded, [t.prompt for t in batch], config, variant, batch[0].stops, n=decoding.n)
 
 
 def _execute(store, name, batch, generated, limits, weights_sha256):

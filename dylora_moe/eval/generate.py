@@ -1,8 +1,8 @@
 """`dylora-moe generate RUN_OR_CHECKPOINT --prompt ...`: routed generation from a trained run.
 
-Routes from the prompt (sparse top-k, eval mode) and decodes with the KV cache; or forces
-one expert (--expert i), an equal mix (--uniform) or the plain base (--base). Prints the
-gates it used.
+Routes from the prompt (eval mode, as the recipe's gating routes inference) and decodes
+with the KV cache; or forces one expert (--expert i), an equal mix (--uniform) or the plain
+base (--base), the variants of eval/variants.py. Prints the gates it used.
 
 `generate_batch` is what `eval` uses: a batch of left-padded prompts, n samples each
 (`num_return_sequences`), decoded together. With sequence routing every row keeps its
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
@@ -21,6 +20,7 @@ from transformers import GenerationConfig
 from ..data.formatting import alpaca_prompt
 from ..errors import guarded
 from .loading import load_run
+from .variants import Variant, gate_context, resolve
 
 
 def parse_args(argv):
@@ -43,26 +43,11 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-@dataclass(frozen=True)
-class Routing:
-    """The routing a user asked for: the router (default), one expert, an equal mix, or no experts."""
-    expert: int | None = None
-    uniform: bool = False
-    base: bool = False
-
-
-def gate_context(moe, routing: Routing = Routing()):
-    """The routing a user asked for, as a context manager around generation."""
-    n = moe.config.num_experts
-    if routing.expert is not None:
-        if not 0 <= routing.expert < n:
-            raise ValueError(f"--expert {routing.expert}: expected 0..{n - 1}")
-        return moe.override_gates(torch.nn.functional.one_hot(torch.tensor(routing.expert), n).float())
-    if routing.uniform:
-        return moe.override_gates(torch.full((n,), 1.0 / n))
-    if routing.base:
-        return moe.experts_disabled()
-    return contextlib.nullcontext()
+def variant_name(args) -> str:
+    """The variant the --expert / --uniform / --base flags ask for (eval/variants.py)."""
+    if args.expert is not None:
+        return f"expert-{args.expert}"
+    return "uniform" if args.uniform else "base" if args.base else "routed"
 
 
 def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -104,7 +89,8 @@ def left_padded(tokenizer, prompts: list[str]) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def generate_batch(loaded, prompts: list[str], config, routing: Routing = Routing(), stop=(), n=None) -> list[tuple]:
+def generate_batch(loaded, prompts: list[str], config, variant: Variant = Variant("routed"), stop=(),
+                   n=None) -> list[tuple]:
     """Per prompt: (its n completions, the gates it was routed with: a list of E floats,
     None for the base). Sampling draws n = config.num_return_sequences per prompt; greedy
     decodes once and repeats the completion n times (default 1)."""
@@ -112,7 +98,7 @@ def generate_batch(loaded, prompts: list[str], config, routing: Routing = Routin
     batch = left_padded(tok, prompts)
     samples = (config.num_return_sequences or 1) if config.do_sample else 1
     copies = 1 if config.do_sample else (n or 1)
-    with gate_context(moe, routing), _captured_gates(moe, batch["attention_mask"], samples) as gates:
+    with gate_context(moe, variant), _captured_gates(moe, batch["attention_mask"], samples) as gates:
         out = moe.generate(batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config,
                            tokenizer=tok if config.stop_strings else None)
     width = batch["input_ids"].shape[1]
@@ -122,12 +108,10 @@ def generate_batch(loaded, prompts: list[str], config, routing: Routing = Routin
 
         texts = [cut_at(t, stop) for t in texts]
     per_prompt = [texts[i * samples:(i + 1) * samples] * copies for i in range(len(prompts))]
-    if routing.base:
+    if variant.is_base:
         used = [None] * len(prompts)
-    elif routing.expert is not None or routing.uniform:
-        n = moe.config.num_experts
-        fixed = [float(routing.expert == e) for e in range(n)] if routing.expert is not None else [1.0 / n] * n
-        used = [fixed] * len(prompts)
+    elif not variant.routed:
+        used = [list(variant.gates)] * len(prompts)
     else:
         used = gates()
     return list(zip(per_prompt, used))
@@ -160,11 +144,13 @@ def _captured_gates(moe, attention_mask, samples: int):
         handle.remove()
 
 
-def generate_text(loaded, prompt: str, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=(), expert=None,
-                  uniform=False, base=False) -> tuple[str, list[float] | None]:
-    """(completion, gates used for the prompt; None for --base): one prompt, one sample."""
+def generate_text(loaded, prompt: str, max_new_tokens=256, temperature=0.0, top_p=1.0, stop=(),
+                  variant: str = "routed") -> tuple[str, list[float] | None]:
+    """(completion, gates used for the prompt; None for the base): one prompt, one sample,
+    `variant` by name (routed, expert-<i>, uniform, base)."""
     config = generation_config(loaded.tokenizer, max_new_tokens, temperature, top_p, 1, stop)
-    [(texts, gates)] = generate_batch(loaded, [prompt], config, Routing(expert, uniform, base), stop)
+    chosen = resolve(variant, loaded.moe.config.num_experts)
+    [(texts, gates)] = generate_batch(loaded, [prompt], config, chosen, stop)
     return texts[0], gates
 
 
@@ -177,12 +163,14 @@ def _main(argv) -> int:
 
     check_decoding(args.max_new_tokens, args.temperature, args.top_p)
     loaded = load_run(args.run, base_model=args.base_model)
+    num_experts = loaded.moe.config.num_experts
+    if args.expert is not None and not 0 <= args.expert < num_experts:
+        raise ValueError(f"--expert {args.expert}: expected 0..{num_experts - 1}")
     torch.manual_seed(args.seed)
     prompt = args.prompt if args.raw else alpaca_prompt(args.prompt)
-    text, gates = generate_text(loaded, prompt, args.max_new_tokens, args.temperature, args.top_p, args.stop,
-                                args.expert, args.uniform, args.base)
-    label = "base" if args.base else "uniform" if args.uniform else f"expert {args.expert}" if args.expert is not None \
-        else f"routed (gating {loaded.moe.config.gating})"
+    name = variant_name(args)
+    text, gates = generate_text(loaded, prompt, args.max_new_tokens, args.temperature, args.top_p, args.stop, name)
+    label = f"routed (gating {loaded.moe.config.gating})" if name == "routed" else name.replace("-", " ")
     gates_text = "-" if gates is None else "[" + " ".join(f"{g:.2f}" for g in gates) + "]"
     print(f"# {label}; gates {gates_text}; experts {loaded.source} sha256 {loaded.weights_sha256[:12]}", file=sys.stderr)
     print(text)

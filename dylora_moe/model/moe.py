@@ -30,7 +30,7 @@ from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
 from .loss import IGNORE_INDEX, auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
-from .peft_io import export_expert
+from .peft_io import export_expert, export_mixture
 from .quantized import keep_trainable_through
 from .router import (OPTIONAL_BUFFERS, PER_EXPERT_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
                      packed_prefixes, segment_mean, segment_validity)
@@ -485,11 +485,18 @@ class DyLoRAMoE(nn.Module):
         """Expert `index` as a standard PEFT LoRA adapter (PeftModel.from_pretrained loads it)."""
         if not 0 <= index < self.config.num_experts:
             raise ValueError(f"expert index {index}: expected 0..{self.config.num_experts - 1}")
-        # Gate 1 on one expert scales it by gate_scale(): PEFT's alpha / r must say the same.
-        alpha = float(self.gate_scale()) * self.config.lora_r
-        return export_expert(self.base_model, self.experts, index, save_directory,
-                             alpha, self.config.lora_dropout, self._base_name(),
-                             gguf_file_of(self.base_model))
+        return export_expert(self.base_model, self.experts, index, save_directory, float(self.gate_scale()),
+                             self.config.lora_dropout, self._base_reference())
+
+    def export_mixture(self, gates, save_directory) -> Path:
+        """The mixture at fixed gates (E,) as ONE standard PEFT LoRA adapter of rank E*r
+        (model/peft_io.py): vLLM, SGLang or PeftModel serve it as a plain LoRA."""
+        return export_mixture(self.base_model, self.experts, gates, save_directory, float(self.gate_scale()),
+                              self._base_reference())
+
+    def _base_reference(self) -> tuple:
+        """(name or path, GGUF file or None): which base an exported adapter needs."""
+        return self._base_name(), gguf_file_of(self.base_model)
 
     def _base_name(self) -> Optional[str]:
         return getattr(self.base_model.config, "_name_or_path", None) or None
