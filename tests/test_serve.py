@@ -153,7 +153,7 @@ def test_the_exported_adapter_equals_the_mixture_at_those_gates(served):
                                            tmp / "adapter").eval()
     with torch.no_grad():
         got = peft_model(input_ids=ids).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     assert (tmp / "adapter" / "README.md").read_text().count("--max-lora-rank") == 2
 
     export(run_dir, tmp / "by-source", source="demo:strings")
