@@ -91,8 +91,13 @@ def contamination_warnings(recipe, names) -> list[str]:
 VARIANTS_HELP = "mixture (routed), expert-i, uniform, base"
 
 
-def variants(num_experts: int, compare: bool) -> list[str]:
-    """The variants scored, by name (eval/variants.py); the routed one is called "mixture"."""
+def variants(num_experts: int, compare: bool, chosen=None) -> list[str]:
+    """The variants scored, by name (eval/variants.py); the routed one is called "mixture".
+    `chosen`: these only (checked by name), else the mixture, or every variant with compare."""
+    if chosen:
+        for name in chosen:
+            resolve(name, num_experts)
+        return ["mixture" if name == "routed" else name for name in chosen]
     return ["mixture", *variant_names(num_experts)[1:]] if compare else ["mixture"]
 
 
@@ -108,7 +113,8 @@ def run_settings(loaded, tasks, task_set: str, decoding: Decoding, limits: Limit
 
 
 def evaluate_functional(loaded, tasks, out_dir: Path, decoding: Decoding = Decoding(), ks=(1,), compare=False,
-                        limits: Limits = Limits(), label="", batch_size: int = 8, task_set: str = "") -> list[dict]:
+                        limits: Limits = Limits(), label="", batch_size: int = 8, task_set: str = "",
+                        chosen=None) -> list[dict]:
     """pass@k per variant; generation of one batch overlaps execution of the previous."""
     decoding.check()
     settings = run_settings(loaded, tasks, task_set or label.strip(), decoding, limits)
@@ -118,7 +124,7 @@ def evaluate_functional(loaded, tasks, out_dir: Path, decoding: Decoding = Decod
               f"{store.path.with_name('samples.stale.jsonl')}", file=sys.stderr)
     rows = []
     with ThreadPoolExecutor(max_workers=1) as executor:
-        for name in variants(loaded.moe.config.num_experts, compare):
+        for name in variants(loaded.moe.config.num_experts, compare, chosen):
             todo = [t for t in tasks if store.missing(name, t.id, decoding.n)]
             bar = tqdm(total=len(todo) * decoding.n, desc=f"{label}{name}", disable=not todo or not sys.stderr.isatty())
             pending = None
@@ -211,6 +217,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, help="torch threads for generation (default on CPU: 1, and the "
                    "programs of the previous batch run meanwhile on the other cores)")
     p.add_argument("--compare", action="store_true", help=f"score {VARIANTS_HELP} side by side")
+    p.add_argument("--variants", help="score only these, comma-separated (e.g. base or mixture,uniform)")
     p.add_argument("--no_loss", action="store_true", help="skip loss/perplexity per source")
     p.add_argument("--base_model", help="hub id or path of the base (default: the run's)")
     p.add_argument("--out", help="results folder (default RUN/eval)")
@@ -276,7 +283,11 @@ def _main(argv) -> int:
     args = parse_args(argv)
     names, formats, ks, decoding, limits = checked(args)
 
+    chosen = [v for v in (args.variants or "").split(",") if v]
+    if args.variants is not None and not chosen:
+        raise ValueError(f"--variants {args.variants!r}: expected comma-separated variant names ({VARIANTS_HELP})")
     loaded = load_run(args.run, base_model=args.base_model)
+    variants(loaded.moe.config.num_experts, args.compare, chosen)  # names checked before any generation
     _set_threads(loaded, args.threads)
     recipe = loaded.recipe
     out = Path(args.out) if args.out else Path(args.run) / "eval"
@@ -295,7 +306,7 @@ def _main(argv) -> int:
     for name in names:
         tasks = load_tasks(name, recipe, args.limit, formats[name])
         rows = evaluate_functional(loaded, tasks, out / name, decoding, ks, args.compare, limits, f"{name} ",
-                                   args.batch_size, name)
+                                   args.batch_size, name, chosen)
         summary["functional"][name] = rows
         print(f"\n## {name} (prompt format: {formats[name]})\n\n" + markdown_table(rows))
     out.mkdir(parents=True, exist_ok=True)

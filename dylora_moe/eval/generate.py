@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 
 from ..data.formatting import alpaca_prompt
 from ..errors import guarded
+from ..model.router import per_example_gates
 from .loading import load_run
 from .variants import Variant, gate_context, resolve
 
@@ -119,24 +120,23 @@ def generate_batch(loaded, prompts: list[str], config, variant: Variant = Varian
 
 @contextlib.contextmanager
 def _captured_gates(moe, attention_mask, samples: int):
-    """The router's first output during generation (the prompt's prefill), pooled per
-    prompt over its real tokens: what `generate` prints and `eval` records."""
+    """The gates of the prompt's prefill (the first pass of generation), each prompt's
+    mean over its real tokens: what `generate` prints and `eval` records."""
     seen = []
 
     def keep(module, args, output):
-        if not seen:
-            seen.append(output.detach().float())
+        if not seen and moe.last_routing() is not None:
+            seen.append(moe.last_routing().float())
 
-    handle = moe.router.register_forward_hook(keep)
+    moe._last_routed = None
+    handle = moe.base_model.register_forward_hook(keep)
 
     def pooled() -> list:
         if not seen:
             return [None] * attention_mask.shape[0]
         gates = seen[0][::samples]  # rows of one prompt share its routing
-        if gates.shape[1] == 1:
-            return [g[0].tolist() for g in gates]
-        mask = attention_mask[:, -gates.shape[1]:].unsqueeze(-1).float()  # token routing: real tokens only
-        return [(g * m).sum(0).div(m.sum()).tolist() for g, m in zip(gates, mask)]
+        per_prompt = per_example_gates(gates, attention_mask)[:, 0]
+        return [g.tolist() for g in per_prompt]
 
     try:
         yield pooled

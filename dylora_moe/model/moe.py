@@ -72,6 +72,7 @@ class DyLoRAMoE(nn.Module):
         self._lora_r = self.config.lora_r
         self._gate_override: Optional[torch.Tensor] = None
         self._routing_cache = None
+        self._last_routed: Optional[torch.Tensor] = None
         self._chunk_loss_fn = None  # the chunked loss's per-chunk softmax; compiled by compile_base()
 
     # ------------------------------------------------------------------ parameters
@@ -224,7 +225,16 @@ class DyLoRAMoE(nn.Module):
             units = input_ids.shape[1]
         if self._gate_override is not None:
             return self._gate_override.to(input_ids.device).expand(input_ids.shape[0], units, -1)
-        return self.router(self.unit_features(input_ids, attention_mask, unit_mask, position_ids, cache, segment_ids))
+        gates = self.router(self.unit_features(input_ids, attention_mask, unit_mask, position_ids, cache, segment_ids))
+        self._last_routed = gates.detach()
+        return gates
+
+    def last_routing(self) -> Optional[torch.Tensor]:
+        """The router's gates of the latest pass, (B, 1|S|T, E): with routers in the
+        layers, their mean over the layers. What generation reports as the gates it used."""
+        if self._slot.in_layers and self._slot.recorded:
+            return torch.stack([g.detach() for g in self._slot.recorded]).mean(dim=0)
+        return self._last_routed
 
     def unit_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None,
                       segment_ids=None) -> torch.Tensor:
