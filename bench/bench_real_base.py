@@ -1,0 +1,227 @@
+"""Does the mixture beat one LoRA on a real pretrained base? SmolLM2-135M-Instruct, Code
+Alpaca + MBPP (official split), the recipe configs/smollm2-135m.yaml: the base alone, one
+LoRA with at least the mixture's trainable parameters, and the mixture, on the same data,
+steps and seeds. Offline it trains on the GGUF copy `dylora-moe fetch smollm2-135m` caches.
+
+    python bench/bench_real_base.py --seeds 0,1                       # losses, ~2 h on 2 cores
+    python bench/bench_real_base.py --seeds 0,1 --pass_at_1           # + HumanEval and MBPP, greedy
+    python bench/bench_real_base.py --variants lora,mixture,mixture-sequence --steps 60
+
+Columns:
+- loss: validation loss per source (the mean over seeds, [min-max]); vs lora: the mean
+  over sources of loss / the LoRA's; < 1 = the mixture wins.
+- params: trainable parameters; the LoRA's rank is the smallest whose parameters are at
+  least the mixture's (its own routers included).
+- least used: the smallest mean gate of an expert over the validation rows; separation:
+  total variation between the two sources' mean gates (0 = the same experts, 1 = disjoint).
+- s/step: median seconds per optimizer step.
+- pass@1 (seed 0 only, once): HumanEval (164 problems, raw prompt: the signature and
+  docstring to complete) and MBPP (the 500 official test tasks 11-510, bigcode prompt:
+  the task and its tests in a docstring), greedy, 384 new tokens at most.
+Needs DYLORA_DATA_DIR (code_alpaca_2k.json, mbpp.jsonl). Finished runs are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "smollm2-135m.yaml"
+SOURCES = ("code_alpaca", "mbpp")
+# Recipe overrides per variant; "lora" gets its rank from the mixture's parameter count.
+VARIANTS = {
+    "base": None,                                           # no training: the base's own numbers
+    "lora": ["--num_experts", "1", "--routing", "sequence", "--router_input", "embeddings"],
+    "mixture": [],                                          # the recipe as shipped
+    "mixture-sequence": ["--routing", "sequence", "--router_input", "base_hidden"],  # one adapter per request
+}
+PASS_TASKS = {"humaneval": "raw", "mbpp": "bigcode"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="base,lora,mixture", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--pass_at_1", action="store_true", help="also HumanEval and MBPP pass@1 (seed 0, greedy)")
+    p.add_argument("--limit", type=int, help="pass@1 on the first N tasks only (a quick check)")
+    p.add_argument("--extra", default="", help="more recipe overrides for every trained run")
+    p.add_argument("--work", default=str(ROOT / "bench" / "results" / "real-base"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "real-base.json"))
+    args = p.parse_args(argv)
+    args.variants = args.variants.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    for name in args.variants:
+        if name not in VARIANTS:
+            p.error(f"--variants {name!r}: expected some of {', '.join(VARIANTS)}")
+    return args
+
+
+def offline_base() -> list[str]:
+    done = subprocess.run([sys.executable, "-m", "dylora_moe.cli", "fetch", "smollm2-135m"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: dylora-moe fetch smollm2-135m failed: {done.stderr.strip()[-500:]}")
+    return done.stdout.split()
+
+
+def data_overrides() -> list[str]:
+    root = Path(os.environ.get("DYLORA_DATA_DIR", ""))
+    files = {"code_alpaca": root / "code_alpaca_2k.json", "mbpp": root / "mbpp.jsonl"}
+    if not os.environ.get("DYLORA_DATA_DIR") or not all(f.is_file() for f in files.values()):
+        sys.exit("error: set DYLORA_DATA_DIR to the folder holding code_alpaca_2k.json and mbpp.jsonl")
+    return ["--sources", "[" + ", ".join(f"{{name: {n}, path: '{p}'}}" for n, p in files.items()) + "]"]
+
+
+def trainable_parameters(overrides: list[str]) -> int:
+    """Of the recipe with these overrides, on the meta device (nothing allocated)."""
+    from dylora_moe.plan.shape import meta_moe, resolve_base_config
+    from dylora_moe.recipe import load_recipe
+
+    cfg = load_recipe(str(RECIPE), overrides)
+    hf_config, _ = resolve_base_config(cfg.model)
+    return sum(p.numel() for p in meta_moe(hf_config, cfg.moe).trainable_parameters())
+
+
+def lora_rank(common: list[str]) -> int:
+    """The smallest LoRA rank with at least the mixture's trainable parameters."""
+    target = trainable_parameters(common + VARIANTS["mixture"])
+    per_rank = trainable_parameters(common + VARIANTS["lora"] + ["--lora_r", "1"])
+    return math.ceil(target / per_rank)
+
+
+def train(out: Path, overrides: list[str], seed: int) -> None:
+    if (out / "final").is_dir():
+        return
+    command = [sys.executable, "-m", "dylora_moe.train", "--config", str(RECIPE), *overrides,
+               "--output_dir", str(out), "--seed", str(seed), "--save_every", "0", "--resume_from_checkpoint", "null"]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    done = subprocess.run(command, cwd=ROOT, env=offline_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{out}: exit {done.returncode}\n{done.stderr[-3000:]}")
+
+
+def offline_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+def trained_row(out: Path) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = [r for r in records if "eval" in r][-1]["eval"]
+    times = [r["seconds_per_step"] for r in records if "seconds_per_step" in r][1:]
+    usage = [final[s]["gate_mean"] for s in SOURCES]
+    return {"loss": {s: final[s]["loss"] for s in SOURCES}, "usage": usage,
+            "least_used": min(statistics.mean(u) for u in zip(*usage)),
+            "separation": 0.5 * sum(abs(a - b) for a, b in zip(*usage)),
+            "seconds_per_step": statistics.median(times) if times else None}
+
+
+def base_row(run: Path) -> dict:
+    """The base's validation loss: a trained run's own data, its experts switched off."""
+    from dylora_moe.data import build_datasets
+    from dylora_moe.data.loaders import eval_loaders
+    from dylora_moe.eval.loading import load_run
+    from dylora_moe.eval.losses import evaluate_losses
+
+    loaded = load_run(run)
+    bundle = build_datasets(loaded.recipe.data, loaded.tokenizer)
+    loaders = eval_loaders(bundle.validation, loaded.tokenizer.pad_token_id, loaded.recipe.train.eval_batch_size)
+    with loaded.moe.experts_disabled():
+        results = evaluate_losses(loaded.moe, loaders, loaded.moe.config.num_experts)
+    return {"loss": {s: results[s]["loss"] for s in SOURCES}, "params": 0}
+
+
+def pass_at_1(run: Path, variant: str, limit) -> dict:
+    """Greedy pass@1 per task set: the routed mixture of the run, or its base alone."""
+    scores = {}
+    for task_set, fmt in PASS_TASKS.items():
+        out = run / f"pass1-{variant}-{task_set}"
+        command = [sys.executable, "-m", "dylora_moe.cli", "eval", str(run), "--tasks", task_set, "--prompt_format",
+                   fmt, "--n", "1", "--k", "1", "--temperature", "0", "--max_new_tokens", "384", "--no_loss",
+                   "--batch_size", "16", "--threads", "2", "--variants", "base" if variant == "base" else "mixture",
+                   "--out", str(out)] + (["--limit", str(limit)] if limit else [])
+        done = subprocess.run(command, cwd=ROOT, env=offline_env(), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"eval {run} {task_set}: exit {done.returncode}\n{done.stderr[-3000:]}")
+        summary = json.loads((out / "summary.json").read_text())
+        scores[task_set] = summary["functional"][task_set][0]["pass@1"]
+    return scores
+
+
+def combine(rows: list[dict]) -> dict:
+    out = {"seeds": len(rows), "per_seed": rows}
+    out["loss"] = {s: statistics.mean(r["loss"][s] for r in rows) for s in SOURCES}
+    out["range"] = {s: (min(r["loss"][s] for r in rows), max(r["loss"][s] for r in rows)) for s in SOURCES}
+    for key in ("params", "least_used", "separation", "seconds_per_step"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[key] = statistics.mean(values)
+    return out
+
+
+def table(results: dict) -> str:
+    head = ["variant", "params", "loss code_alpaca", "loss mbpp", "vs lora", "least used", "separation",
+            "HumanEval pass@1", "MBPP pass@1", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lora = results.get("lora")
+    for name, r in results.items():
+        def loss(s):
+            lo, hi = r["range"][s]
+            return f"{r['loss'][s]:.4f}" + (f" [{lo:.4f}-{hi:.4f}]" if r["seeds"] > 1 else "")
+        vs = statistics.mean(r["loss"][s] / lora["loss"][s] for s in SOURCES) if lora else float("nan")
+        p1 = r.get("pass_at_1", {})
+        cell = (lambda k, f: f.format(r[k]) if k in r else "-")
+        lines.append("| " + " | ".join([
+            name, f"{r['params'] / 1e6:.2f}M" if r["params"] else "-", loss("code_alpaca"), loss("mbpp"),
+            f"{vs:.3f}", cell("least_used", "{:.2f}"), cell("separation", "{:.2f}"),
+            f"{p1['humaneval']:.3f}" if "humaneval" in p1 else "-", f"{p1['mbpp']:.3f}" if "mbpp" in p1 else "-",
+            cell("seconds_per_step", "{:.1f}")]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common = offline_base() + data_overrides() + (["--max_steps", str(args.steps)] if args.steps else [])
+    common += args.extra.split()
+    rank = lora_rank(common)
+    overrides = {name: common + extra + (["--lora_r", str(rank)] if name == "lora" else [])
+                 for name, extra in VARIANTS.items() if extra is not None}
+    work, started, results = Path(args.work), time.time(), {}
+    trained = [v for v in args.variants if v != "base"]
+    for name in trained:
+        rows = []
+        for seed in args.seeds:
+            run = work / name / f"seed{seed}"
+            train(run, overrides[name], seed)
+            rows.append({**trained_row(run), "params": trainable_parameters(overrides[name])})
+        results[name] = combine(rows)
+    if "base" in args.variants:
+        reference = work / (trained[0] if trained else "lora") / f"seed{args.seeds[0]}"
+        train(reference, overrides[trained[0] if trained else "lora"], args.seeds[0])
+        results = {"base": combine([base_row(reference)]), **results}
+    if args.pass_at_1:
+        for name in args.variants:
+            run = work / (name if name != "base" else (trained[0] if trained else "lora")) / f"seed{args.seeds[0]}"
+            results[name]["pass_at_1"] = pass_at_1(run, name, args.limit)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"recipe": str(RECIPE.relative_to(ROOT)), "seeds": args.seeds, "steps": args.steps,
+                               "lora_rank": rank, "extra": args.extra, "results": results,
+                               "wall_s": time.time() - started}, indent=2) + "\n")
+    print(f"\n## SmolLM2-135M-Instruct, Code Alpaca + MBPP (seeds {args.seeds}; LoRA rank {rank})\n\n{table(results)}")
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
