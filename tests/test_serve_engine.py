@@ -21,11 +21,14 @@ class Tokens:
         return "".join(chr(0x4E00 + t) for t in ids if not (skip_special_tokens and t == 2))
 
 
-def moe_for(routing="sequence", seed=0):
-    moe = make_moe("llama", num_experts=4, routing=routing, router_input="base_hidden")
+def moe_for(routing="sequence", seed=0, router_input="base_hidden"):
+    moe = make_moe("llama", num_experts=4, routing=routing, router_input=router_input)
     randomize_experts(moe, seed=seed, scale=1.0)
-    with torch.no_grad():  # a router that tells prompts apart
+    with torch.no_grad():  # routers that tell prompts apart
         moe.router.gate.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(seed))
+        for layer in moe.experts.values():
+            if layer.lora_router is not None:
+                layer.lora_router.normal_(0, 3.0, generator=torch.Generator().manual_seed(seed))
     return moe.eval()
 
 
@@ -71,9 +74,10 @@ def tokens_of(events):
 PROMPTS = [[1, 5, 9, 13], [1, 7, 7, 30, 41, 8, 99, 4, 5], [1, 200], [1, 3, 3, 3, 3, 3, 60], [1, 77, 12]]
 
 
-@pytest.mark.parametrize("stagger", [False, True])
-def test_mixed_variants_in_one_batch_equal_generate_alone(stagger):
-    moe = moe_for()
+@pytest.mark.parametrize("stagger,router_input", [(False, "base_hidden"), (True, "base_hidden"), (True, "layer")])
+def test_mixed_variants_in_one_batch_equal_generate_alone(stagger, router_input):
+    """With routers in the layers (token routing inside the pass), routed rows batch too."""
+    moe = moe_for(routing="token" if router_input == "layer" else "sequence", router_input=router_input)
     names = ["routed", "expert-0", "expert-3", "uniform", "base"]
     spec = [(PROMPTS[(i + i // 5) % len(PROMPTS)], resolve(names[i % len(names)], 4), 6 + i % 5) for i in range(12)]
     spec.append((PROMPTS[1], custom([3, 0, 1, 0], 4), 9))

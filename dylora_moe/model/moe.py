@@ -357,14 +357,25 @@ class DyLoRAMoE(nn.Module):
         """Every layer routes its own input (router_input="layer"), unless gates are forced."""
         return self.config.router_input == "layer" and self._gate_override is None
 
-    def route_in_layers(self) -> None:
-        """Arm the layers to route their own inputs in the next forward passes."""
+    def route_in_layers(self, routed_rows: Optional[torch.Tensor] = None) -> None:
+        """Arm the layers to route their own inputs in the next forward passes: every row,
+        or only the rows where `routed_rows` (B,) is True (the others keep the gates
+        set_gates gave them)."""
         slot = self._slot
-        slot.in_layers, slot.routed_rows, slot.recorded = True, None, []
+        rows = None if routed_rows is None else routed_rows.view(-1, 1, 1).bool()
+        slot.in_layers, slot.routed_rows, slot.recorded = True, rows, []
         slot.scale = self.gate_scale()
-        # Only its dtype and width matter: every row is routed in the layers.
-        slot.expanded = torch.zeros(1, 1, self.config.num_experts * self._lora_r, dtype=self.experts_dtype(
-            slot.scale.device.type), device=slot.scale.device)
+        if rows is None:  # only its dtype and width matter: every row is routed in the layers
+            slot.expanded = torch.zeros(1, 1, self.config.num_experts * self._lora_r, dtype=self.experts_dtype(
+                slot.scale.device.type), device=slot.scale.device)
+
+    def set_row_gates(self, gates: torch.Tensor, routed: Optional[torch.Tensor] = None) -> None:
+        """Serving: each row's own fixed gates (B, E); rows where `routed` (B,) is True are
+        routed instead, which a model with routers in the layers does inside the pass
+        (any other model's routed rows must come with the router's gates already)."""
+        self.set_gates(gates[:, None, :])
+        if routed is not None and bool(routed.any()) and self.config.router_input == "layer":
+            self.route_in_layers(routed)
 
     def layer_routing_result(self, units: torch.Tensor):
         """(the layers' mean gates (B, T, E), the mean of their balance losses) after a

@@ -23,13 +23,16 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ..model.router import per_example_gates
+
 
 @dataclass
 class Batch:
     """Rows decoding together: one KV cache, left-padded to one width."""
     cache: DynamicCache
     mask: torch.Tensor   # (B, L) 1 on real tokens
-    gates: torch.Tensor  # (B, E) fp32, each row's own mixture
+    gates: torch.Tensor  # (B, E) fp32, each row's own mixture (routed in the layers: their mean on the prompt)
+    routed: torch.Tensor  # (B,) bool: rows the layers' own routers route (router_input="layer")
 
     @property
     def size(self) -> int:
@@ -47,11 +50,16 @@ class Engine:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @property
+    def in_layers(self) -> bool:
+        return self.moe.config.router_input == "layer"
+
+    @property
     def batches_routed_rows(self) -> bool:
-        """Sequence routing fixes a row's gates from its prompt, so routed rows batch like
-        any other; token routing re-routes every new token and is served one request at a
-        time through `moe.generate` (generate_one)."""
-        return self.moe.config.routing == "sequence"
+        """Sequence routing fixes a row's gates from its prompt, and routers in the layers
+        route each row's own tokens inside the pass, so routed rows batch like any other;
+        token routing from one router re-routes every new token with a pass of its own and
+        is served one request at a time through `moe.generate` (generate_one)."""
+        return self.moe.config.routing == "sequence" or self.in_layers
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], fixed: Sequence[Optional[torch.Tensor]]):
@@ -63,11 +71,17 @@ class Engine:
         for i, g in enumerate(fixed):
             if g is not None:
                 gates[i] = g.to(self.device)
-        if routed:
+        flags = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        if routed and self.in_layers:
+            flags[routed] = True
+        elif routed:
             gates[routed] = self.route(ids[routed], mask[routed])
         cache = DynamicCache()
-        logits = self._forward(ids, mask, gates, cache)
-        return logits, Batch(cache, mask, gates)
+        logits = self._forward(ids, mask, gates, cache, routed=flags)
+        if routed and self.in_layers:  # what the layers chose on the prompt, for the response and metrics
+            chosen = per_example_gates(self.moe.last_routing(), mask)[:, 0]
+            gates[routed] = chosen[routed].float()
+        return logits, Batch(cache, mask, gates, flags)
 
     @torch.no_grad()
     def route(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,10 +96,11 @@ class Engine:
         Returns the next-token logits (B, V) fp32."""
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]
         batch.mask = F.pad(batch.mask, (0, 1), value=1)
-        return self._forward(ids, batch.mask, batch.gates, batch.cache, positions=batch.mask.sum(1, keepdim=True) - 1)
+        return self._forward(ids, batch.mask, batch.gates, batch.cache, positions=batch.mask.sum(1, keepdim=True) - 1,
+                             routed=batch.routed)
 
-    def _forward(self, ids, mask, gates, cache, positions=None) -> torch.Tensor:
-        self.moe.set_gates(gates[:, None, :])
+    def _forward(self, ids, mask, gates, cache, positions=None, routed=None) -> torch.Tensor:
+        self.moe.set_row_gates(gates, routed)
         out = self.moe.base_model(input_ids=ids, attention_mask=mask,
                                   position_ids=_positions(mask) if positions is None else positions,
                                   use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
@@ -114,7 +129,7 @@ class Engine:
             values = torch.cat([_pad_seq(v1, width), _pad_seq(v2, width)])
             merged.update(keys, values, index)
         mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (batch.mask, newcomers.mask)])
-        return Batch(merged, mask, torch.cat([batch.gates, newcomers.gates]))
+        return Batch(merged, mask, torch.cat([batch.gates, newcomers.gates]), torch.cat([batch.routed, newcomers.routed]))
 
     @staticmethod
     def select(batch: Batch, keep: Sequence[int]) -> Optional[Batch]:
@@ -127,7 +142,7 @@ class Engine:
         cache = DynamicCache()
         for layer, (keys, values) in enumerate(_layers(batch.cache)):
             cache.update(keys[index, :, start:], values[index, :, start:], layer)
-        return Batch(cache, mask[:, start:], batch.gates[index])
+        return Batch(cache, mask[:, start:], batch.gates[index], batch.routed[index])
 
     # ------------------------------------------------------------------ one at a time
     @torch.no_grad()
