@@ -81,7 +81,7 @@ def test_one_forward_gives_trainings_top_k_and_dense_losses(routing, mixture):
             assert ours[source][key] == pytest.approx(theirs[source][key], rel=1e-5), (source, key)
         assert ours[source]["tokens"] == theirs[source]["tokens"]
         assert ours[source]["gate_mean"] == pytest.approx(theirs[source]["gate_mean"], abs=1e-6)
-        assert ours[source]["loss"] != pytest.approx(ours[source]["dense_loss"], rel=1e-3)  # they differ
+        assert ours[source]["loss"] != pytest.approx(ours[source]["dense_loss"], rel=1e-4)  # they differ (float noise is ~1e-7)
     batches = sum(len(b) for b in loaders.values())
     passes = 4 if mixture == "logits" else 1  # the reference mixture runs one pass per expert
     assert ours_calls == batches * passes and their_calls == 2 * batches * passes

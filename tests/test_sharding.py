@@ -114,7 +114,8 @@ def test_sharded_base_trains_as_one_process_and_exports_its_experts(backend, one
     mine, single = experts(sharded / "final" / "experts"), experts(one_process / "final" / "experts")
     assert mine.keys() == single.keys()
     for key in single:
-        torch.testing.assert_close(mine[key], single[key], rtol=1e-4, atol=1e-6)
+        # four Adam steps on gradients summed in another order: a few ulps, amplified where a moment is ~0
+        torch.testing.assert_close(mine[key], single[key], rtol=1e-4, atol=1e-5)
     # ... and exactly what the backend checkpointed, which holds the mixture and nothing of the base
     checkpoint = sharded / "checkpoints" / "checkpoint-4"
     saved = checkpoint_experts(checkpoint, backend)
