@@ -9,7 +9,7 @@ import pytest
 from trainrun import ROOT, env
 
 from dylora_moe.cli import COMMANDS, main
-from dylora_moe.errors import guarded, one_line
+from dylora_moe.errors import UserError, guarded, one_line
 
 
 def raising(error):
@@ -19,7 +19,7 @@ def raising(error):
 
 
 @pytest.mark.parametrize("error,message", [
-    (ValueError("train.seed=1.5: expected an integer"), "error: train.seed=1.5: expected an integer"),
+    (UserError("train.seed=1.5: expected an integer"), "error: train.seed=1.5: expected an integer"),
     (FileNotFoundError("x.yaml: recipe not found"), "error: x.yaml: recipe not found"),
     (OSError(errno.ENOSPC, "No space left on device", "/runs/a/metrics.jsonl"),
      "error: /runs/a/metrics.jsonl: No space left on device (the disk is full: free space"),
@@ -46,10 +46,27 @@ def test_cuda_out_of_memory_is_known():
 
 
 @pytest.mark.parametrize("error", [RuntimeError("shape mismatch in a kernel"), TypeError("unsupported operand"),
-                                   KeyError("state"), AssertionError("invariant")])
+                                   KeyError("state"), AssertionError("invariant"),
+                                   ValueError("gates (2, 3) do not match 4 experts")])
 def test_a_bug_keeps_its_traceback(error):
     with pytest.raises(type(error)):
         guarded(raising(error), [])
+
+
+def test_an_internal_value_error_in_a_command_shows_its_traceback(tmp_path):
+    """A plain ValueError is an invariant of ours that broke, not the user's mistake: the
+    command exits with Python's 1 and the traceback, never the one line and exit 2."""
+    script = ("import sys, dylora_moe.eval.report as report\n"
+              "def main(argv):\n"
+              "    raise ValueError('router: gates (2, 3) for 4 experts')\n"
+              "report.main = main\n"
+              "from dylora_moe.cli import main as cli\n"
+              "sys.exit(cli(['report', 'RUN']))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode not in (0, 2), done.stderr
+    assert "Traceback (most recent call last)" in done.stderr, done.stderr
+    assert "ValueError: router: gates (2, 3) for 4 experts" in done.stderr and "error: " not in done.stderr
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
@@ -59,7 +76,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 def test_traceback_on_request(capsys, monkeypatch):
     monkeypatch.setenv("DYLORA_TRACEBACK", "1")
-    assert guarded(raising(ValueError("x: bad")), []) == 2
+    assert guarded(raising(UserError("x: bad")), []) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.endswith("error: x: bad\n")
 

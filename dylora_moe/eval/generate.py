@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..data.formatting import alpaca_prompt
-from ..errors import guarded
+from ..errors import UserError, guarded
 from ..model.router import per_example_gates
 from .loading import load_run
 from .variants import Variant, gate_context, resolve
@@ -54,11 +54,11 @@ def variant_name(args) -> str:
 def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> None:
     """One-line errors naming the flag, before any model work."""
     if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens {max_new_tokens}: expected an integer >= 1")
+        raise UserError(f"--max_new_tokens {max_new_tokens}: expected an integer >= 1")
     if not temperature >= 0:
-        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+        raise UserError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"--top_p {top_p}: expected 0 < top_p <= 1")
+        raise UserError(f"--top_p {top_p}: expected 0 < top_p <= 1")
 
 
 def generation_config(tokenizer, max_new_tokens=256, temperature=0.0, top_p=1.0, n=1, stop=()):
@@ -165,7 +165,7 @@ def _main(argv) -> int:
     loaded = load_run(args.run, base_model=args.base_model)
     num_experts = loaded.moe.config.num_experts
     if args.expert is not None and not 0 <= args.expert < num_experts:
-        raise ValueError(f"--expert {args.expert}: expected 0..{num_experts - 1}")
+        raise UserError(f"--expert {args.expert}: expected 0..{num_experts - 1}")
     torch.manual_seed(args.seed)
     prompt = args.prompt if args.raw else alpaca_prompt(args.prompt)
     name = variant_name(args)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import guarded
+from ..errors import UserError, guarded
 from .health import routing_warnings
 from .plots import save_usage_heatmap
 
@@ -43,7 +43,7 @@ def write_report(run_dir, out_dir=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     train, evals = read_metrics(run_dir)
     if not train:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no training steps logged yet")
+        raise UserError(f"{run_dir / 'metrics.jsonl'}: no training steps logged yet")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (LM loss)")

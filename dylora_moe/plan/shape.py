@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..data import build_demo_tokenizer
+from ..errors import UserError
 from ..model import DyLoRAMoE
 from ..model.hub_configs import known_configs
 from ..model.layer import StackedLoRALinear, is_linear_like, linear_shape
@@ -96,9 +97,9 @@ def resolve_base_config(model_cfg):
         try:
             return tiny_config(name[len(TINY_PREFIX):], vocab_size=vocab, **model_cfg.tiny), f"tiny-random, vocab {vocab}"
         except TypeError as e:
-            raise ValueError(f"model.tiny={model_cfg.tiny!r}: {e}") from None
+            raise UserError(f"model.tiny={model_cfg.tiny!r}: {e}") from None
         except ValueError as e:
-            raise ValueError(f"model.base_model={name!r}: {e}") from None
+            raise UserError(f"model.base_model={name!r}: {e}") from None
     files = base_files(model_cfg)
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True, **files), "its config.json (local)"
@@ -110,7 +111,7 @@ def resolve_base_config(model_cfg):
         return AutoConfig.from_pretrained(name, **files), "its config.json (hub)"
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"model.base_model={name!r}: cannot read its config ({first})") from None
+        raise UserError(f"model.base_model={name!r}: cannot read its config ({first})") from None
 
 
 def tiny_vocab(model_cfg) -> int:

@@ -37,6 +37,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ZERO3, FSDP2 = "zero3", "fsdp2"
@@ -76,9 +78,9 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     if torch.cuda.is_available() or accelerator.num_processes < 2:
         return False
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
-        raise ValueError("accelerate config: distributed_type FSDP on a machine without a GPU needs the processes "
-                         "started on the CPU (ACCELERATE_USE_CPU=true accelerate launch ...); Accelerate would "
-                         "otherwise start each process alone")
+        raise UserError("accelerate config: distributed_type FSDP on a machine without a GPU needs the processes "
+                        "started on the CPU (ACCELERATE_USE_CPU=true accelerate launch ...); Accelerate would "
+                        "otherwise start each process alone")
     plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables accelerate launch set
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
@@ -95,27 +97,27 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
 def check_supported(cfg, backend: str) -> None:
     """What a sharded base cannot do, refused in one line before any model is loaded."""
     if backend == "fsdp1":
-        raise ValueError("accelerate config: fsdp_version 1 is not supported (the frozen base and the trainable "
-                         "experts share FSDP1's flat parameters); set fsdp_version: 2, see "
-                         "accelerate_configs/fsdp2.yaml")
+        raise UserError("accelerate config: fsdp_version 1 is not supported (the frozen base and the trainable "
+                        "experts share FSDP1's flat parameters); set fsdp_version: 2, see "
+                        "accelerate_configs/fsdp2.yaml")
     if backend in (ZERO3, FSDP2) and cfg.model.load_in_8bit:
-        raise ValueError(f"model.load_in_8bit cannot be sharded under {backend} (LLM.int8 keeps each weight's row "
-                         "scales beside it, which a flat split of the weight loses); use model.load_in_4bit, "
-                         "or a replicated config (zero2_offload, multi_gpu)")
+        raise UserError(f"model.load_in_8bit cannot be sharded under {backend} (LLM.int8 keeps each weight's row "
+                        "scales beside it, which a flat split of the weight loses); use model.load_in_4bit, "
+                        "or a replicated config (zero2_offload, multi_gpu)")
     if backend == ZERO3 and cfg.moe.router_init == "kmeans":
-        raise ValueError("moe.router_init='kmeans' cannot run under ZeRO-3 (its clustering pass runs the base before "
-                         "DeepSpeed has wrapped it, when a ZeRO-3 base is only this rank's partitions); use "
-                         "router_init: normal there, or accelerate_configs/fsdp2.yaml")
+        raise UserError("moe.router_init='kmeans' cannot run under ZeRO-3 (its clustering pass runs the base before "
+                        "DeepSpeed has wrapped it, when a ZeRO-3 base is only this rank's partitions); use "
+                        "router_init: normal there, or accelerate_configs/fsdp2.yaml")
     if backend != FSDP2:
         return
     if cfg.train.optimizer != "adamw":
         # bitsandbytes' update kernel takes plain tensors; FSDP2's parameters are DTensors
         # ("got mixed torch.Tensor and DTensor" at the first step, measured).
-        raise ValueError(f"train.optimizer={cfg.train.optimizer!r} cannot run under FSDP2 (bitsandbytes' 8-bit "
-                         "update does not take FSDP2's DTensor parameters); use adamw, whose states FSDP2 shards")
+        raise UserError(f"train.optimizer={cfg.train.optimizer!r} cannot run under FSDP2 (bitsandbytes' 8-bit "
+                        "update does not take FSDP2's DTensor parameters); use adamw, whose states FSDP2 shards")
     if cfg.train.grow_on_novelty:
-        raise ValueError("train.grow_on_novelty cannot run under FSDP2 (the experts are DTensor shards inside "
-                         "the base's FSDP units and cannot be widened in place); use accelerate_configs/zero3.yaml")
+        raise UserError("train.grow_on_novelty cannot run under FSDP2 (the experts are DTensor shards inside "
+                        "the base's FSDP units and cannot be widened in place); use accelerate_configs/zero3.yaml")
 
 
 def nonfinite_under_fsdp2(step: int) -> str:
@@ -130,9 +132,9 @@ def nonfinite_under_fsdp2(step: int) -> str:
 
 def check_growth(backend: str, add: int) -> None:
     if backend == FSDP2 and add:
-        raise ValueError(f"moe.num_experts: a resume that adds {add} expert(s) cannot run under FSDP2 (the experts "
-                         "are DTensor shards inside the base's FSDP units and cannot be widened in place); resume "
-                         "with the checkpoint's count, or grow under accelerate_configs/zero3.yaml")
+        raise UserError(f"moe.num_experts: a resume that adds {add} expert(s) cannot run under FSDP2 (the experts "
+                        "are DTensor shards inside the base's FSDP units and cannot be widened in place); resume "
+                        "with the checkpoint's count, or grow under accelerate_configs/zero3.yaml")
 
 
 # ---------------------------------------------------------------------------- building
@@ -166,8 +168,8 @@ def prepare_model(moe, accelerator, backend: str) -> None:
             # the whole mixture as a single unit: DyLoRAMoE names no block classes itself.
             plugin.transformer_cls_names_to_wrap = list(getattr(moe.base_model, "_no_split_modules", None) or [])
         if not plugin.transformer_cls_names_to_wrap:
-            raise ValueError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap is not set and "
-                             f"{type(moe.base_model).__name__} names no decoder block class; set it in the yaml")
+            raise UserError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap is not set and "
+                            f"{type(moe.base_model).__name__} names no decoder block class; set it in the yaml")
         if accelerator.mixed_precision != "no":
             # Mixed precision as under every other config: autocast (after_prepare), the
             # parameters in their own dtype (fp32 experts, the base as loaded), gradients
