@@ -60,6 +60,15 @@ class GrowthRequest:
 def answer_embeddings(moe, batch: dict, gates: torch.Tensor):
     """(features (U, hidden) fp32, source (U,), top-1 expert (U,)) for every example of a
     micro-batch that has answer tokens; U = rows, or packed segments."""
+    features, source, top1, has_answer = example_embeddings(moe, batch, gates)
+    return features[has_answer], source[has_answer], top1[has_answer]
+
+
+@torch.no_grad()
+def example_embeddings(moe, batch: dict, gates: torch.Tensor):
+    """(features (N, hidden) fp32, source (N,), top-1 expert (N,), has answer (N,) bool)
+    for every row, or every packed segment slot, of a micro-batch: masks instead of a
+    selection, which would read its size back to the host."""
     ids, labels = batch["input_ids"], batch["labels"]
     embeddings = moe.base_model.get_input_embeddings()(ids).float()
     embeddings = F.layer_norm(embeddings, embeddings.shape[-1:])
@@ -81,7 +90,9 @@ def answer_embeddings(moe, batch: dict, gates: torch.Tensor):
         unit_gates = gates.float()
         has_answer = segment_mean(answer.float().unsqueeze(-1), answer, segments, count).squeeze(-1) > 0
         has_answer &= source >= 0
-    return features[has_answer], source[has_answer], unit_gates[has_answer].argmax(dim=-1)
+    hidden = features.shape[-1]
+    return (features.reshape(-1, hidden), source.reshape(-1), unit_gates.argmax(dim=-1).reshape(-1),
+            has_answer.reshape(-1))
 
 
 class NoveltyMonitor:
@@ -95,13 +106,17 @@ class NoveltyMonitor:
         self.last_similarity: dict[str, Optional[float]] = {}
         self._sums = self._counts = None
 
-    def add(self, moe, batch: dict, gates: torch.Tensor) -> None:
-        """One micro-batch's examples, by (source, top-1 expert)."""
-        features, source, top1 = answer_embeddings(moe, batch, gates)
+    def add(self, moe, batch: dict, gates: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """One micro-batch's examples, by (source, top-1 expert), on the device. `keep`: a
+        bool, False for a micro-batch whose loss was not finite (it adds nothing)."""
+        features, source, top1, has_answer = example_embeddings(moe, batch, gates)
+        if keep is not None:
+            has_answer = has_answer & keep
+        weight = has_answer.double()
         sums, counts = self._buffers(moe, features.device)
-        cell = source * moe.config.num_experts + top1
-        sums.view(-1, sums.shape[-1]).index_add_(0, cell, features.double())
-        counts.view(-1).index_add_(0, cell, torch.ones_like(cell, dtype=counts.dtype))
+        cell = source.clamp_min(0) * moe.config.num_experts + top1
+        sums.view(-1, sums.shape[-1]).index_add_(0, cell, features.double() * weight.unsqueeze(1))
+        counts.view(-1).index_add_(0, cell, weight)
 
     def end_step(self, accelerator, moe, trained: torch.Tensor) -> Optional[GrowthRequest]:
         """After an optimizer step (every rank): update the library, return a request to

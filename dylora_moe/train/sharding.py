@@ -120,16 +120,6 @@ def check_supported(cfg, backend: str) -> None:
                         "the base's FSDP units and cannot be widened in place); use accelerate_configs/zero3.yaml")
 
 
-def nonfinite_under_fsdp2(step: int) -> str:
-    """Why a non-finite micro-batch stops an FSDP2 run: the loop skips one with a zero
-    loss over the parameters, and under FSDP2 those are DTensor shards whose gradient
-    would bypass its reduce-scatter (measured: "The size of tensor a (32) must match the
-    size of tensor b (16)" in foreach_reduce at the next backward)."""
-    return (f"non-finite loss at step {step}: under FSDP2 a micro-batch cannot be skipped (its zero gradient "
-            "would bypass FSDP2's reduce-scatter); lower train.learning_rate or check the data, or train under "
-            "accelerate_configs/zero3.yaml, which skips it")
-
-
 def check_growth(backend: str, add: int) -> None:
     if backend == FSDP2 and add:
         raise UserError(f"moe.num_experts: a resume that adds {add} expert(s) cannot run under FSDP2 (the experts "
