@@ -156,3 +156,16 @@ def test_diverged_weights_are_never_saved(tmp_path, monkeypatch, fresh_accelerat
         loop.train(recipe(tmp_path, "--max_steps", "6", "--save_every", "2"))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("growth", [False, True])
+def test_the_novelty_library_is_kept_only_with_growth_on(growth, tmp_path, fresh_accelerate):
+    """With grow_on_novelty off none of the novelty bookkeeping runs: the experts' library
+    (router buffers) stays empty; on (max_experts = num_experts: it never grows), it fills."""
+    from safetensors.torch import load_file
+
+    from dylora_moe.train.loop import train
+
+    train(recipe(tmp_path, "--max_steps", "2", *(["--grow_on_novelty", "--max_experts", "4"] if growth else [])))
+    saved = load_file(str(tmp_path / "run" / "final" / "experts" / "experts.safetensors"))
+    assert (int(saved["router.centroid_counts"].sum()) > 0) == growth

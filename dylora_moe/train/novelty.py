@@ -4,7 +4,11 @@ experts have trained on (`train.grow_on_novelty`).
 The library: per expert, the mean embedding of the examples it trained on (router
 buffers `expert_centroids` / `centroid_counts`). It is saved with the model and in
 checkpoints, so a later run (say, a resume on new data) starts from what earlier runs
-learnt. It is kept up to date in every run, whether or not growth is on.
+learnt. It is kept up to date only while growth is on: with grow_on_novelty off nothing
+here runs (no embeddings, no all-reduce). A novelty run resumed from one trained
+without it starts from an empty library, so its first data is taken as familiar (a
+warning says so); train the earlier phase with grow_on_novelty on (max_experts =
+num_experts: it never grows) to keep its library.
 
 An example's embedding is the base model's input embeddings, layer-normed as the router
 does, averaged over the example's answer (its label tokens): an embedding lookup, no
@@ -105,6 +109,7 @@ class NoveltyMonitor:
             self.state.setdefault(key, {})
         self.last_similarity: dict[str, Optional[float]] = {}
         self._sums = self._counts = None
+        self._warned = False
 
     def add(self, moe, batch: dict, gates: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
         """One micro-batch's examples, by (source, top-1 expert), on the device. `keep`: a
@@ -147,6 +152,7 @@ class NoveltyMonitor:
         total = sums.sum(dim=0) / counts.sum()
         known = router.centroid_counts > 0
         if not bool(known.any()):  # an empty library: whatever trains first is familiar
+            self._warn_empty(router)
             self._learn(router, sums, counts, trained)
             return None
         immature = ~router.expert_maturity.to(trained.device)
@@ -189,6 +195,14 @@ class NoveltyMonitor:
         merged = merged / new_n.clamp_min(1).unsqueeze(1)
         router.expert_centroids.copy_(torch.where(update.unsqueeze(1), merged, router.expert_centroids.double()))
         router.centroid_counts.copy_(new_n.long())
+
+    def _warn_empty(self, router) -> None:
+        trained_before = int(router.expert_steps.max()) if router.expert_steps.numel() else 0
+        if trained_before and not self._warned:
+            logger.warning("novelty: the experts trained %d steps but their library is empty (they were trained "
+                           "without train.grow_on_novelty, which keeps it): this step's data is taken as familiar, "
+                           "and only data unlike it counts as novel", trained_before)
+        self._warned = True
 
     def _reset(self, label: str) -> None:
         for key in ("streak", "sum", "count"):

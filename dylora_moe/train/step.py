@@ -97,7 +97,8 @@ class Loop:
         sums += torch.where(finite, torch.stack([out.lm_loss.detach().double(), out.balance_loss.detach().double(),
                                                  torch.ones((), dtype=torch.float64, device=sums.device)]), 0.0)
         self.routing.add(out.routing_weights, batch, keep=finite)
-        self.novelty.add(self.moe, batch, out.routing_weights, keep=finite)
+        if self.novelty.enabled:  # the library is kept only for growth (novelty.py)
+            self.novelty.add(self.moe, batch, out.routing_weights, keep=finite)
 
     def _deepspeed_keeps(self, finite: torch.Tensor) -> bool:
         """Under DeepSpeed, whether this micro-batch's loss was finite on every rank. A
@@ -173,7 +174,8 @@ class Loop:
         if matured and self.acc.is_main_process:
             logger.info("step %d: expert(s) %s matured (moe.maturity_steps=%d)%s", self.state.step, matured,
                         self.moe.config.maturity_steps, f"; frozen: {frozen}" if frozen else "")
-        self.growth_request = self.novelty.end_step(self.acc, self.moe, trained)
+        if self.novelty.enabled:  # its statistics are all-reduced: every rank takes this branch alike
+            self.growth_request = self.novelty.end_step(self.acc, self.moe, trained)
 
     def _global_label_tokens(self, window) -> torch.Tensor:
         """The label tokens of the whole window on all ranks, which every micro-batch's
