@@ -2,6 +2,7 @@
 data loaders (the schedule: schedule.py). Each builder is small and testable on its own."""
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def check_saved_tiny_base(path: Path, config, tiny: dict) -> None:
 
 
 def build_moe(cfg, base) -> DyLoRAMoE:
-    moe = DyLoRAMoE(base, cfg.moe)
+    # The model's own copy of the moe section: growth changes the model's (num_experts,
+    # extra), and the recipe object must not change under whoever else reads it.
+    moe = DyLoRAMoE(base, copy.deepcopy(cfg.moe))
     if cfg.model.gradient_checkpointing:
         moe.gradient_checkpointing_enable()
     if cfg.model.compile:

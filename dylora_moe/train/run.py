@@ -64,7 +64,8 @@ class TrainState:
 @dataclass
 class Run:
     """What one training run holds. `cfg` is the recipe as trained: on a resume its moe
-    section is the checkpoint's, and growth updates it (it is the model's own config)."""
+    section is the checkpoint's, as the run started. The model holds its own copy
+    (`moe.config`), which growth changes: whatever must follow growth reads that."""
     cfg: RunConfig
     recipe: RunConfig                 # the recipe as asked, saved beside the run
     run_dir: Path
@@ -93,7 +94,8 @@ class Run:
     checkpoints: Optional[CheckpointManager] = None
 
     def write_portable(self, out_dir) -> None:
-        write_portable(self.moe, self.tokenizer, self.cfg, out_dir)
+        # The recipe saved beside the experts names the mixture as it is now (grown or not).
+        write_portable(self.moe, self.tokenizer, dataclasses.replace(self.cfg, moe=self.moe.config), out_dir)
 
     def whole_experts(self):
         """All ranks: the experts gathered whole while inside (a no-op unless the base is sharded)."""
@@ -141,7 +143,6 @@ def build_run(cfg: RunConfig, lock: RunLock) -> Run:
     set_seed(t.seed)
     moe = build.build_moe(cfg, base)
     sharding.prepare_model(moe, accelerator, backend)
-    cfg.moe = moe.config  # one object: growth updates the model's config, which the loop and portable copies read
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
     if resume_from is None and cfg.moe.router_init == "kmeans":
         # Before prepare: DeepSpeed's fp32 master copy must start from these rows.
