@@ -180,7 +180,7 @@ def model_shape(hf_config, moe_cfg, base_model: str = "", source: str = "", attn
         activation_saves=next((ACTIVATION_SAVES.get(type(m).__name__, 1) for m in layer.modules()
                                if is_activation(m)), 1),
         attention=base.config._attn_implementation or "sdpa", largest_linear=largest,
-        loss_chunk_tokens=moe._loss_chunk_tokens(),
+        loss_chunk_tokens=moe.loss_chunk_tokens(),
         block_params=sum(p.numel() for p in block),
         block_quantizable=sum(m.weight.numel() for m in layer.modules() if is_linear_like(m)
                               and not isinstance(m, StackedLoRALinear)),

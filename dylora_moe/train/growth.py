@@ -89,8 +89,6 @@ class Grower:
         carried = raw_optimizer.state_dict() if _reshapeable(raw_optimizer, self.deepspeed) else None
         masters = [full_fp32(p).cpu() for p in moe.trainable_parameters()] if self.deepspeed else None
         acc.free_memory()  # out of DDP / DeepSpeed: their wrappers hold the old tensors
-        # ...and prepare must wrap it again (DDP), not return it as already prepared
-        moe.__dict__.pop("_is_accelerate_prepared", None)
         with sharding.full_experts(acc, moe):  # ZeRO-3: the old experts whole, to widen them
             for _ in range(count):
                 moe.add_expert(self.cfg.train.grow_init, note=note)

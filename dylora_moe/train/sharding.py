@@ -184,7 +184,8 @@ def after_prepare(model, accelerator, backend: str) -> None:
 
 
 # ---------------------------------------------------------------------------- full values
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """Whether a tensor is an FSDP2 shard (a DTensor): its gradient and value need gathering."""
     return isinstance(t, DTensor)
 
 
@@ -198,7 +199,7 @@ def full_value(param: torch.Tensor) -> torch.Tensor:
         if value is None:
             raise TypeError("full_value: a ZeRO-3 parameter without a master copy (frozen); only experts and router")
         return value.detach().clone()
-    if _is_dtensor(param):
+    if is_dtensor(param):
         return param.detach().full_tensor().clone()
     return param.detach().clone()
 
@@ -213,7 +214,7 @@ def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
         _write_zero3_module_copy(param, value)
         safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
         return
-    if _is_dtensor(param):
+    if is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
         shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
@@ -242,13 +243,13 @@ def _write_zero3_module_copy(param, value: torch.Tensor) -> None:
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") or _is_dtensor(param)
+    return hasattr(param, "ds_id") or is_dtensor(param)
 
 
 def full_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
     """The whole reduced gradient of a parameter (FSDP2: its DTensor shards gathered)."""
     grad = param.grad
-    if grad is not None and _is_dtensor(grad):
+    if grad is not None and is_dtensor(grad):
         return grad.full_tensor()
     return grad
 
@@ -284,7 +285,7 @@ def _fsdp2_whole(moe):
     try:
         for module in moe.modules():
             for name, param in list(module._parameters.items()):
-                if param is not None and param.requires_grad and _is_dtensor(param):
+                if param is not None and param.requires_grad and is_dtensor(param):
                     module._parameters[name] = nn.Parameter(param.detach().full_tensor(), requires_grad=True)
                     swapped.append((module, name, param))
         yield
@@ -324,7 +325,7 @@ def held_base_bytes(moe) -> tuple[int, int]:
         if hasattr(param, "ds_id"):
             total += param.ds_numel * size
             held += (param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)) * size
-        elif _is_dtensor(param):
+        elif is_dtensor(param):
             total += param.numel() * size
             held += param.to_local().numel() * size
         else:
