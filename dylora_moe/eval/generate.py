@@ -38,7 +38,9 @@ def parse_args(argv):
     mode.add_argument("--base", action="store_true", help="the base model alone, no experts")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling: only the most likely tokens up to this probability mass (1.0, the default, "
+                   "is off; greedy decoding, temperature 0, ignores it)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

@@ -67,7 +67,7 @@ class ModelShape:
     attention: str = "sdpa"
     largest_linear: int = 0         # out*in of the largest quantizable Linear
     loss_chunk_tokens: int = 0      # what the model will use in training (0 = plain loss)
-    # For a sharded base (sharding.py): what is gathered at once, what stays whole.
+    # For a sharded base (sharded.py): what is gathered at once, what stays whole.
     block_params: int = 0           # one decoder block's frozen parameters
     block_quantizable: int = 0      # of which bitsandbytes would quantize
     embedding_params: int = 0       # the input embeddings

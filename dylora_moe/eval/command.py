@@ -47,7 +47,7 @@ TASK_SETS = tuple(FORMATS)
 class Decoding:
     n: int = 1
     temperature: float = 0.0
-    top_p: float = 0.95
+    top_p: float = 1.0  # off, as in generate (and greedy ignores it)
     max_new_tokens: int = 256
 
     def check(self) -> None:
@@ -209,7 +209,9 @@ def parse_args(argv):
     p.add_argument("--n", type=int, default=1, help="samples per task")
     p.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling: only the most likely tokens up to this probability mass (1.0, the default, "
+                   "is off; greedy decoding, temperature 0, ignores it)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--limit", type=int, help="only the first N tasks of each set")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
