@@ -97,6 +97,7 @@ def test_every_command_goes_through_the_one_error_path(monkeypatch, capsys):
     (["generate", "NOWHERE", "--prompt", "x"], "NOWHERE: no trained experts found"),
     (["eval", "NOWHERE"], "NOWHERE: no trained experts found"),
     (["prune", "NOWHERE"], "NOWHERE: no trained experts found"),
+    (["eval", "NOTOKENIZER"], "NOTOKENIZER/tokenizer: no such folder; a portable folder holds experts/, tokenizer/"),
     (["report", "NOWHERE"], "NOWHERE/metrics.jsonl: no metrics"),
     (["report", "RUN", "--out", "AFILE/x"], "AFILE/x: Not a directory"),
     (["plan", "--config", "EMPTY"], "model.base_model is not set"),
@@ -108,12 +109,16 @@ def test_subcommands_report_bad_input_in_one_line(argv, message, tmp_path, capsy
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")
+    (tmp_path / "portable" / "experts").mkdir(parents=True)  # experts without their tokenizer/
+    (tmp_path / "portable" / "experts" / "moe_config.json").write_text("{}")
     names = {"NOWHERE": str(tmp_path / "nowhere"), "AFILE/x": str(tmp_path / "afile" / "x"),
+             "NOTOKENIZER": str(tmp_path / "portable"),
              "RUN": str(tmp_path / "run"), "EMPTY": str(tmp_path / "empty.yaml"),
              "DEMO": str(ROOT / "configs" / "demo.yaml")}
     assert main([names.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err
-    message = message.replace("NOWHERE", names["NOWHERE"]).replace("AFILE/x", names["AFILE/x"])
+    for placeholder in ("NOWHERE", "AFILE/x", "NOTOKENIZER"):
+        message = message.replace(placeholder, names[placeholder])
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
