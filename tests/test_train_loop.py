@@ -169,3 +169,50 @@ def test_the_novelty_library_is_kept_only_with_growth_on(growth, tmp_path, fresh
     train(recipe(tmp_path, "--max_steps", "2", *(["--grow_on_novelty", "--max_experts", "4"] if growth else [])))
     saved = load_file(str(tmp_path / "run" / "final" / "experts" / "experts.safetensors"))
     assert (int(saved["router.centroid_counts"].sum()) > 0) == growth
+
+
+def test_no_dataloader_worker_outlives_a_run_that_fails(tmp_path, monkeypatch, fresh_accelerate):
+    """Workers are processes with a copy of the data: a run that stops mid-epoch (here on
+    non-finite losses, an exception) ends them on its way out, not at garbage collection."""
+    import multiprocessing
+    import os
+
+    from dylora_moe.train.loop import train
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs for 2 workers")
+    seen = []
+    original = DyLoRAMoE.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(len(multiprocessing.active_children()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DyLoRAMoE, "forward", forward)
+    poison(monkeypatch, set(range(1, 100)))
+    try:
+        train(recipe(tmp_path, "--max_steps", "4", "--dataloader_num_workers", "2"))
+    except FloatingPointError as error:  # its traceback still holds every frame of the run
+        left = multiprocessing.active_children()
+        assert "max_consecutive_nonfinite" in str(error)
+    else:
+        raise AssertionError("the run did not stop")
+    assert max(seen) == 2  # the workers ran...
+    assert left == []  # ...and ended with the run, not with its garbage
+
+
+def test_dataloader_workers_are_bounded_by_the_cpus(tmp_path, capsys):
+    import os
+
+    from dylora_moe.train.cli import main
+
+    cpus = len(os.sched_getaffinity(0))
+    assert main(recipe_args(tmp_path) + ["--dataloader_num_workers", "10000"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: train.dataloader_num_workers=10000: expected at most {cpus} (the CPUs this process may "
+                   "use; each worker is a process with its own copy of the data)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def recipe_args(tmp_path):
+    return SMALL[:] + ["--output_dir", str(tmp_path / "run")]

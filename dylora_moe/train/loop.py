@@ -67,6 +67,14 @@ def fit(run: Run, preemption: PreemptionFlag) -> None:
                     "%d trainable parameters", run.total_steps, t.gradient_accumulation_steps, t.train_batch_size,
                     acc.num_processes, sharding.trainable_elements(run.moe))
     batches = micro_batches(run.train_loader, state)
+    try:
+        _fit_steps(run, loop, batches, preemption)
+    finally:
+        batches.close()  # on the way out, errors too: the loader's worker processes end with it
+
+
+def _fit_steps(run: Run, loop: Loop, batches, preemption: PreemptionFlag) -> None:
+    acc, t, state = run.accelerator, run.cfg.train, run.state
     progress = _progress(acc, run.total_steps, state.step)
     last_saved = state.step if run.resume_from is not None else -1
     while state.step < run.total_steps:
@@ -127,15 +135,30 @@ def grow_on_novelty(run: Run, loop: Loop) -> None:
 
 
 def micro_batches(loader, state: TrainState):
-    """The training stream across epochs, resuming at (epoch, batch_in_epoch)."""
+    """The training stream across epochs, resuming at (epoch, batch_in_epoch). Closing it
+    closes the epoch's iterator, which ends the DataLoader's worker processes (with
+    persistent_workers off, torch's default, they live exactly as long as it)."""
     while True:
         loader.set_epoch(state.epoch)  # the seedable sampler reshuffles per epoch
         current = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in current:
-            state.batch_in_epoch += 1
-            yield batch
+        epoch = iter(current)
+        try:
+            for batch in epoch:
+                state.batch_in_epoch += 1
+                yield batch
+        finally:
+            _close(epoch)
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def _close(iterator) -> None:
+    """Accelerate's loaders iterate in a generator: closing it drops torch's iterator,
+    whose __del__ shuts the workers down (torch has no public call for that); torch's own
+    iterator (an unprepared loader) is simply dropped by the caller."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 def run_eval(run: Run) -> bool:

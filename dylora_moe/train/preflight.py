@@ -26,9 +26,29 @@ LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt")
 
 def check_recipe_environment(cfg) -> None:
     """All of the checks that need no accelerator: run on every rank, before data is read."""
+    check_workers(cfg.train.dataloader_num_workers)
     check_packages(cfg)
     check_model_name("model.tokenizer", cfg.model.tokenizer)
     check_base_model(cfg)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_workers(workers: int) -> None:
+    """Each DataLoader worker is a process holding a copy of the dataset. More than this
+    process may run on buys no speed, and an absurd count (10000 was tried) forks until
+    the kernel's out-of-memory killer takes down processes, other users' too: checked
+    here, on the machine that runs, not when a recipe is read (plan or submit run elsewhere)."""
+    cpus = usable_cpus()
+    if workers > cpus:
+        raise UserError(f"train.dataloader_num_workers={workers}: expected at most {cpus} (the CPUs this process "
+                        "may use; each worker is a process with its own copy of the data)")
 
 
 def check_packages(cfg) -> None:
