@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from accelerate.utils import broadcast_object_list
-
 from .errors import UserError
+from .ranks import describe, share
 
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -317,30 +316,6 @@ def write_failure(error: BaseException, final: Path, previous: Optional[str]) ->
                                 where or str(final.parent))
 
 
-def share(accelerator, fn: Callable[[], str]) -> str:
-    """`fn` on the main process; its result (or its error) reaches every rank, so a
-    failure there never leaves the others waiting in a collective."""
-    result, error = "", None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-            error = e
-    if accelerator.num_processes == 1:
-        if error is not None:
-            raise error
-        return result
-    box = [(result, _portable_error(error))]
-
-    broadcast_object_list(box, from_process=0)
-    result, shipped = box[0]
-    if error is not None:
-        raise error
-    if shipped is not None:
-        raise shipped
-    return result
-
-
 def everyone(accelerator, fn: Callable[[], object]) -> None:
     """`fn` on every rank; if it fails on any, it fails on all (the others raise a
     CheckpointWriteError naming the rank's error) instead of some waiting forever."""
@@ -352,29 +327,11 @@ def everyone(accelerator, fn: Callable[[], object]) -> None:
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        errors = [e for e in gather_object([None if error is None else _describe(error)]) if e is not None]
+        errors = [e for e in gather_object([None if error is None else describe(error)]) if e is not None]
         if error is None and errors:
             raise CheckpointWriteError(errno.EIO, f"another rank failed to save: {errors[0]}")
     if error is not None:
         raise error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-def _portable_error(error: Optional[BaseException]):
-    """An error in a form every rank can unpickle and raise."""
-    if error is None:
-        return None
-    if isinstance(error, OSError):
-        return OSError(error.errno, error.strerror or str(error), error.filename)
-    if isinstance(error, UserError):  # stays the user's: one line on every rank
-        return UserError(str(error))
-    if isinstance(error, ValueError):
-        return ValueError(str(error))
-    return RuntimeError(_describe(error))
 
 
 def _sha256(path: Path) -> str:
