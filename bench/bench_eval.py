@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dylora_moe.eval.functional import Decoding, load_tasks  # noqa: E402
+from dylora_moe.eval.command import Decoding, load_tasks  # noqa: E402
 from dylora_moe.eval.generate import generate_batch, generation_config, left_padded  # noqa: E402
 from dylora_moe.eval.loading import load_run  # noqa: E402
 from dylora_moe.eval.sandbox import CLEAN_ENV, Limits, interpreter, run_many  # noqa: E402

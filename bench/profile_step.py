@@ -143,7 +143,7 @@ def main(argv=None):
     flops_per_step = sum(flops.values())
     result = dict(
         meta=dict(shape=args.shape, batch=batch, seq=seq, experts=args.experts, router_input=args.router_input,
-                  loss_chunk_tokens=moe._loss_chunk_tokens(), checkpointing=args.checkpointing,
+                  loss_chunk_tokens=moe.loss_chunk_tokens(), checkpointing=args.checkpointing,
                   compile=args.compile, dtype=str(dtype), device=_device_name(device), torch=torch.__version__,
                   python=platform.python_version(), steps=args.steps),
         step_s=step_s, tokens_per_s=tokens_per_s,

@@ -31,10 +31,12 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from accelerate.utils import broadcast_object_list
+from .errors import UserError
+from .ranks import describe, share
 
 logger = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -42,26 +44,38 @@ PREFIX = "checkpoint-"
 HASH_CHUNK = 1 << 20
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Why a folder cannot be resumed. `unsealed`: it has no marker at all, a save that
+    was interrupted (not a checkpoint: skipped quietly); anything else is a checkpoint
+    that was sealed and is now damaged (named in a warning)."""
+    why: str
+    unsealed: bool = False
+
+    def __str__(self) -> str:
+        return self.why
+
+
 def read_marker(path: Path) -> Optional[dict]:
     marker, _ = load_marker(path)
     return marker
 
 
-def load_marker(path: Path) -> tuple[Optional[dict], Optional[str]]:
+def load_marker(path: Path) -> tuple[Optional[dict], Optional[Problem]]:
     """(marker, None) or (None, what is wrong with it)."""
     file = Path(path) / MARKER
     try:
         text = file.read_text()
     except FileNotFoundError:
-        return None, f"no {MARKER} marker (an interrupted save)"
+        return None, Problem(f"no {MARKER} marker (an interrupted save)", unsealed=True)
     except (OSError, UnicodeDecodeError) as e:
-        return None, f"{MARKER} marker unreadable ({e})"
+        return None, Problem(f"{MARKER} marker unreadable ({e})")
     try:
         marker = json.loads(text)
     except json.JSONDecodeError:
-        return None, f"{MARKER} marker unreadable (not valid JSON)"
+        return None, Problem(f"{MARKER} marker unreadable (not valid JSON)")
     if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
-        return None, f"{MARKER} marker unreadable (no step in it)"
+        return None, Problem(f"{MARKER} marker unreadable (no step in it)")
     return marker, None
 
 
@@ -98,7 +112,7 @@ def file_manifest(folder: Path) -> dict[str, list]:
     return out
 
 
-def verify(path: Path) -> Optional[str]:
+def verify(path: Path) -> Optional[Problem]:
     """None when the checkpoint is complete and intact, else what is wrong with it."""
     marker, problem = load_marker(path)
     if problem:
@@ -109,13 +123,13 @@ def verify(path: Path) -> Optional[str]:
     for name, (size, digest) in files.items():
         file = Path(path) / name
         if not file.is_file():
-            return f"{name} is missing"
+            return Problem(f"{name} is missing")
         actual = file.stat().st_size
         if actual != size:
-            return f"{name} is {actual} bytes, its marker says {size} (truncated)" if actual < size else \
-                f"{name} is {actual} bytes, its marker says {size}"
+            return Problem(f"{name} is {actual} bytes, its marker says {size} (truncated)" if actual < size else
+                           f"{name} is {actual} bytes, its marker says {size}")
         if _sha256(file) != digest:
-            return f"{name} does not match its sha256 (corrupted)"
+            return Problem(f"{name} does not match its sha256 (corrupted)")
     return None
 
 
@@ -127,7 +141,7 @@ def verified_latest(root) -> Optional[Path]:
     problems = []
     for path in checkpoint_folders(root):
         _, problem = load_marker(path)
-        if problem and problem.startswith("no "):
+        if problem and problem.unsealed:
             logger.info("%s skipped: %s", path, problem)
         elif problem:
             problems.append((path, problem))
@@ -141,8 +155,8 @@ def verified_latest(root) -> Optional[Path]:
             return path
         problems.append((path, problem))
     if problems:
-        raise ValueError(f"train.resume_from_checkpoint=auto: no checkpoint in {root} can be resumed ("
-                         + "; ".join(f"{p.name}: {why}" for p, why in problems) + "); move them away to start over")
+        raise UserError(f"train.resume_from_checkpoint=auto: no checkpoint in {root} can be resumed ("
+                        + "; ".join(f"{p.name}: {why}" for p, why in problems) + "); move them away to start over")
     return None
 
 
@@ -161,13 +175,13 @@ def resolve_resume(value: Optional[str], root) -> Optional[Path]:
         return verified_latest(root)
     path = Path(value)
     if not path.is_dir():
-        raise ValueError(f"train.resume_from_checkpoint={value!r}: no such checkpoint folder")
+        raise UserError(f"train.resume_from_checkpoint={value!r}: no such checkpoint folder")
     if read_marker(path) is None and checkpoint_folders(path):
-        raise ValueError(f"train.resume_from_checkpoint={value!r}: a folder of checkpoints, not one; name one of them, "
-                         "or use auto (the newest good one of --output_dir)")
+        raise UserError(f"train.resume_from_checkpoint={value!r}: a folder of checkpoints, not one; name one of them, "
+                        "or use auto (the newest good one of --output_dir)")
     problem = verify(path)
     if problem:
-        raise ValueError(f"train.resume_from_checkpoint={value!r}: not a complete checkpoint ({problem})")
+        raise UserError(f"train.resume_from_checkpoint={value!r}: not a complete checkpoint ({problem})")
     return path
 
 
@@ -302,30 +316,6 @@ def write_failure(error: BaseException, final: Path, previous: Optional[str]) ->
                                 where or str(final.parent))
 
 
-def share(accelerator, fn: Callable[[], str]) -> str:
-    """`fn` on the main process; its result (or its error) reaches every rank, so a
-    failure there never leaves the others waiting in a collective."""
-    result, error = "", None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-            error = e
-    if accelerator.num_processes == 1:
-        if error is not None:
-            raise error
-        return result
-    box = [(result, _portable_error(error))]
-
-    broadcast_object_list(box, from_process=0)
-    result, shipped = box[0]
-    if error is not None:
-        raise error
-    if shipped is not None:
-        raise shipped
-    return result
-
-
 def everyone(accelerator, fn: Callable[[], object]) -> None:
     """`fn` on every rank; if it fails on any, it fails on all (the others raise a
     CheckpointWriteError naming the rank's error) instead of some waiting forever."""
@@ -337,27 +327,11 @@ def everyone(accelerator, fn: Callable[[], object]) -> None:
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        errors = [e for e in gather_object([None if error is None else _describe(error)]) if e is not None]
+        errors = [e for e in gather_object([None if error is None else describe(error)]) if e is not None]
         if error is None and errors:
             raise CheckpointWriteError(errno.EIO, f"another rank failed to save: {errors[0]}")
     if error is not None:
         raise error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-def _portable_error(error: Optional[BaseException]):
-    """An error in a form every rank can unpickle and raise."""
-    if error is None:
-        return None
-    if isinstance(error, OSError):
-        return OSError(error.errno, error.strerror or str(error), error.filename)
-    if isinstance(error, ValueError):
-        return ValueError(str(error))
-    return RuntimeError(_describe(error))
 
 
 def _sha256(path: Path) -> str:

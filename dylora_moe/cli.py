@@ -1,11 +1,6 @@
-"""`dylora-moe <command>`: one entry point; each command lives in its own module.
-
-    dylora-moe train --config configs/demo.yaml [--field value ...]
-    dylora-moe plan --config configs/codegemma-2b.yaml [--field value ...] [--gpu L4] [--json]
-    dylora-moe prune RUN --threshold 0.02 [--output DIR]
-    dylora-moe serve RUN [--host 127.0.0.1 --port 8000]
-    dylora-moe export RUN --gates 0.5,0.5,0,0 --out DIR
-    dylora-moe submit vertex --project P --region R --image URI --base_output_dir gs://B/run [--dry-run]
+"""`dylora-moe <command>`: one entry point for every command, each in its own module.
+The COMMANDS table in dylora_moe/cli.py is their one list: `dylora-moe --help` prints
+it (below), `dylora-moe <command> --help` a command's flags.
 
 Every command shares one error path (dylora_moe/errors.py): a mistake the user can fix
 is one line and exit 2, Ctrl-C is exit 130, a bug keeps its traceback.
@@ -25,7 +20,7 @@ COMMANDS = {
               "train from a recipe (configs/*.yaml); any field can be overridden"),
     "generate": (("generate",), "dylora_moe.eval.generate:main",
                  "generate from a trained run: RUN --prompt ... [--expert i|--uniform|--base]"),
-    "eval": (("eval",), "dylora_moe.eval.functional:main",
+    "eval": (("eval",), "dylora_moe.eval.command:main",
              "loss per source and pass@k (MBPP, HumanEval, demo) of a run; --compare"),
     "serve": (("serve",), "dylora_moe.serve.cli:main",
               "an OpenAI-compatible server: RUN [--host 127.0.0.1 --port 8000]; model NAME[:expert-i|:uniform|:base]"),
@@ -56,7 +51,7 @@ def main(argv=None) -> int:
             return guarded(lambda rest: resolve(target)(rest), argv[len(words):])
     parser = argparse.ArgumentParser(prog="dylora-moe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (_, _, text) in COMMANDS.items():
         commands.add_parser(name, help=text)
     parser.parse_args(argv)

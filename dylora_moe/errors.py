@@ -2,8 +2,10 @@
 
 A bad recipe value, a missing file, a full disk, a permission problem or a run that
 diverged is something the user can act on: the command line shows one line naming the
-field or file and exits 2. Anything else is a bug and keeps its traceback, so a report
-carries what is needed to fix it. DYLORA_TRACEBACK=1 shows the traceback for every error.
+field or file and exits 2. Code that finds such a mistake raises `UserError`; a plain
+ValueError or RuntimeError is an invariant of ours that broke, a bug, and keeps its
+traceback, so a report carries what is needed to fix it. DYLORA_TRACEBACK=1 shows the
+traceback for every error.
 """
 from __future__ import annotations
 
@@ -15,6 +17,13 @@ from typing import Callable, Optional
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a recipe field, a flag, a file, the data, a checkpoint),
+    its message one line naming what is wrong and what was expected. A ValueError, so
+    `except ValueError` (and pytest.raises(ValueError)) keep catching it."""
+
 
 # errno -> what the user should do about it (the strerror alone says what happened).
 OS_HINTS = {
@@ -31,7 +40,7 @@ def one_line(error: BaseException) -> Optional[str]:
     """The one-line message for an error the user can fix, or None for a bug."""
     if isinstance(error, OSError):
         return _os_error(error)
-    if isinstance(error, (ValueError, FloatingPointError)):
+    if isinstance(error, (UserError, FloatingPointError)):  # a bare ValueError is a bug: traceback
         return _first_line(error)
     if isinstance(error, MemoryError) or _is_out_of_memory(error):
         return ("out of memory (" + _first_line(error) + "); lower train.train_batch_size or data.max_seq_length, "

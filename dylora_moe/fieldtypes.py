@@ -17,6 +17,8 @@ import typing
 
 import yaml
 
+from .errors import UserError
+
 
 class Bare:
     """A command-line flag given without a value (`--bf16`): true for a flag, an error elsewhere."""
@@ -62,21 +64,21 @@ def coerce(hint, value, where: str):
     if value is BARE:
         if hint is bool:
             return True
-        raise ValueError(f"{where}: no value after --{where.rsplit('.', 1)[-1]}; expected {describe(hint)}")
+        raise UserError(f"{where}: no value after --{where.rsplit('.', 1)[-1]}; expected {describe(hint)}")
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() in NULLS)):
         return None
     if isinstance(value, str) and hint is not str:
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ValueError(f"{where}={value!r}: not a valid value; expected {describe(hint)}") from None
+            raise UserError(f"{where}={value!r}: not a valid value; expected {describe(hint)}") from None
         if optional and value is None:
             return None
     return _as(hint, value, where)
 
 
 def _as(hint, value, where: str):
-    wrong = ValueError(f"{where}={value!r}: expected {describe(hint)}")
+    wrong = UserError(f"{where}={value!r}: expected {describe(hint)}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -94,8 +96,8 @@ def _as(hint, value, where: str):
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{where}={value!r}: expected a string (in YAML, quote it: '{value}')"
-                         if isinstance(value, (int, float)) else f"{where}={value!r}: expected a string")
+        raise UserError(f"{where}={value!r}: expected a string (in YAML, quote it: '{value}')"
+                        if isinstance(value, (int, float)) else f"{where}={value!r}: expected a string")
     if hint is dict:
         if isinstance(value, dict):
             return value
@@ -138,14 +140,14 @@ def check_fields(section, prefix: str) -> None:
             continue
         where = f"{prefix}.{f.name}"
         if hint is bool and not isinstance(value, bool):
-            raise ValueError(f"{where}={value!r}: expected true or false")
+            raise UserError(f"{where}={value!r}: expected true or false")
         if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{where}={value!r}: expected an integer")
+            raise UserError(f"{where}={value!r}: expected an integer")
         if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise ValueError(f"{where}={value!r}: expected a finite number")
+            raise UserError(f"{where}={value!r}: expected a finite number")
         if hint is str and not isinstance(value, str):
-            raise ValueError(f"{where}={value!r}: expected a string")
+            raise UserError(f"{where}={value!r}: expected a string")
         if hint is dict and not isinstance(value, dict):
-            raise ValueError(f"{where}={value!r}: expected a mapping")
+            raise UserError(f"{where}={value!r}: expected a mapping")
         if hint is list and not isinstance(value, list):
-            raise ValueError(f"{where}={value!r}: expected a list")
+            raise UserError(f"{where}={value!r}: expected a list")

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from .data import DataConfig
+from .errors import UserError
 from .fieldtypes import BARE, check_fields
 from .fieldtypes import coerce as coerce_value
 from .model import MoEConfig
@@ -59,23 +60,23 @@ class ModelConfig:
     def __post_init__(self):
         check_fields(self, "model")
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("model.load_in_4bit and model.load_in_8bit: expected at most one of them")
+            raise UserError("model.load_in_4bit and model.load_in_8bit: expected at most one of them")
         if not isinstance(self.base_model, str) or not self.base_model:
-            raise ValueError(f"model.base_model={self.base_model!r}: expected a hub id, a path or tiny-random:<arch>")
+            raise UserError(f"model.base_model={self.base_model!r}: expected a hub id, a path or tiny-random:<arch>")
         if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"model.dtype={self.dtype!r}: expected one of ['auto', 'bfloat16', 'float32']")
+            raise UserError(f"model.dtype={self.dtype!r}: expected one of ['auto', 'bfloat16', 'float32']")
         if self.tokenizer == "demo" and not self.base_model.startswith(TINY_PREFIX):
-            raise ValueError("model.tokenizer='demo' only fits a tiny-random base (its vocabulary is built for it)")
+            raise UserError("model.tokenizer='demo' only fits a tiny-random base (its vocabulary is built for it)")
         check_tiny(self.base_model, self.tiny)
         if self.gguf_file is not None:
             if not isinstance(self.gguf_file, str) or not self.gguf_file.strip() or "\x00" in self.gguf_file:
-                raise ValueError(f"model.gguf_file={self.gguf_file!r}: expected a file name inside base_model")
+                raise UserError(f"model.gguf_file={self.gguf_file!r}: expected a file name inside base_model")
             if self.base_model.startswith(TINY_PREFIX):
-                raise ValueError(f"model.gguf_file={self.gguf_file!r}: a tiny-random base is built, not read from a "
-                                 "file; remove gguf_file")
+                raise UserError(f"model.gguf_file={self.gguf_file!r}: a tiny-random base is built, not read from a "
+                                "file; remove gguf_file")
             if self.load_in_4bit or self.load_in_8bit:
-                raise ValueError("model.gguf_file with model.load_in_4bit/8bit: transformers loads a GGUF base "
-                                 "dequantized and cannot quantize it again; use one of them")
+                raise UserError("model.gguf_file with model.load_in_4bit/8bit: transformers loads a GGUF base "
+                                "dequantized and cannot quantize it again; use one of them")
 
 
 def base_files(model_cfg: ModelConfig) -> dict:
@@ -94,37 +95,37 @@ def check_tiny(base_model: str, tiny: dict) -> None:
     """Keys and sizes of a tiny random base, checked before any data is read."""
     if not base_model.startswith(TINY_PREFIX):
         if tiny:
-            raise ValueError(f"model.tiny={tiny!r}: only used with base_model: {TINY_PREFIX}<arch> "
-                             f"(this recipe loads {base_model!r}); remove it")
+            raise UserError(f"model.tiny={tiny!r}: only used with base_model: {TINY_PREFIX}<arch> "
+                            f"(this recipe loads {base_model!r}); remove it")
         return
     arch = base_model[len(TINY_PREFIX):]
     if arch not in ARCHITECTURES:
-        raise ValueError(f"model.base_model={base_model!r}: unknown tiny-random architecture {arch!r}; expected "
-                         f"one of {[TINY_PREFIX + a for a in ARCHITECTURES]}")
+        raise UserError(f"model.base_model={base_model!r}: unknown tiny-random architecture {arch!r}; expected "
+                        f"one of {[TINY_PREFIX + a for a in ARCHITECTURES]}")
     known = tiny_fields()
     unknown = sorted(map(str, set(tiny) - set(known)))
     if unknown:
-        raise ValueError(f"model.tiny: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        raise UserError(f"model.tiny: unknown key(s) {unknown}; expected some of {sorted(known)}")
     shape = {**known, **tiny}
     for name, value in shape.items():
         if name == "initializer_range":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"model.tiny.initializer_range={value!r}: expected a number > 0")
+                raise UserError(f"model.tiny.initializer_range={value!r}: expected a number > 0")
         elif not (name == "head_dim" and value is None):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.tiny.{name}={value!r}: expected an integer >= 1")
+                raise UserError(f"model.tiny.{name}={value!r}: expected an integer >= 1")
     if shape["head_dim"] is None and shape["hidden_size"] % shape["num_heads"]:
-        raise ValueError(f"model.tiny.hidden_size={shape['hidden_size']}: expected a multiple of "
-                         f"num_heads={shape['num_heads']} (or set head_dim)")
+        raise UserError(f"model.tiny.hidden_size={shape['hidden_size']}: expected a multiple of "
+                        f"num_heads={shape['num_heads']} (or set head_dim)")
     if shape["num_heads"] % shape["num_kv_heads"]:
-        raise ValueError(f"model.tiny.num_kv_heads={shape['num_kv_heads']}: expected a divisor of "
-                         f"num_heads={shape['num_heads']}")
+        raise UserError(f"model.tiny.num_kv_heads={shape['num_kv_heads']}: expected a divisor of "
+                        f"num_heads={shape['num_heads']}")
     h, inner, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"]
     head = shape["head_dim"] or h // shape["num_heads"]
     per_layer = 2 * h * head * (shape["num_heads"] + shape["num_kv_heads"]) + 3 * h * inner
     if layers * per_layer + shape["max_positions"] * h > TINY_MAX_PARAMETERS:
-        raise ValueError(f"model.tiny={tiny!r}: about {layers * per_layer / 1e9:.1f}e9 parameters; a tiny random "
-                         f"base is for demos and tests (at most {TINY_MAX_PARAMETERS / 1e9:.0f}e9)")
+        raise UserError(f"model.tiny={tiny!r}: about {layers * per_layer / 1e9:.1f}e9 parameters; a tiny random "
+                        f"base is for demos and tests (at most {TINY_MAX_PARAMETERS / 1e9:.0f}e9)")
 
 
 @dataclass
@@ -170,47 +171,47 @@ class TrainConfig:
             self.log_with = [self.log_with] if self.log_with else []
         check_fields(self, "train")
         if not self.output_dir.strip() or "\x00" in self.output_dir:
-            raise ValueError(f"train.output_dir={self.output_dir!r}: expected a directory path")
+            raise UserError(f"train.output_dir={self.output_dir!r}: expected a directory path")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"train.seed={self.seed}: expected an integer in [0, 2**32 - 1]")
+            raise UserError(f"train.seed={self.seed}: expected an integer in [0, 2**32 - 1]")
         positive = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "keep_last",
                     "max_consecutive_nonfinite")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 1")
+                raise UserError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 1")
         non_negative = ("max_steps", "warmup_steps", "eval_every", "save_every", "early_stopping_patience",
                         "cosine_restarts", "dataloader_num_workers")
         for name in non_negative:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 0")
+                raise UserError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 0")
         if not self.learning_rate > 0:
-            raise ValueError(f"train.learning_rate={self.learning_rate!r}: expected a number > 0")
+            raise UserError(f"train.learning_rate={self.learning_rate!r}: expected a number > 0")
         if self.num_epochs <= 0 and self.max_steps == 0:
-            raise ValueError(f"train.num_epochs={self.num_epochs!r}: expected > 0 (or set max_steps)")
+            raise UserError(f"train.num_epochs={self.num_epochs!r}: expected > 0 (or set max_steps)")
         for name in ("weight_decay", "max_grad_norm", "warmup_ratio"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: expected a number >= 0")
+                raise UserError(f"train.{name}={getattr(self, name)!r}: expected a number >= 0")
         if self.warmup_ratio > 1:
-            raise ValueError(f"train.warmup_ratio={self.warmup_ratio!r}: expected a fraction in [0, 1]")
+            raise UserError(f"train.warmup_ratio={self.warmup_ratio!r}: expected a fraction in [0, 1]")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
-            raise ValueError(f"train.adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}): expected in [0, 1)")
+            raise UserError(f"train.adam_beta1/adam_beta2=({self.adam_beta1}, {self.adam_beta2}): expected in [0, 1)")
         optimizers = ("adamw", "adamw_8bit", "paged_adamw_8bit")
         if self.optimizer not in optimizers:
-            raise ValueError(f"train.optimizer={self.optimizer!r}: expected one of {list(optimizers)}")
+            raise UserError(f"train.optimizer={self.optimizer!r}: expected one of {list(optimizers)}")
         schedulers = ("cosine_with_restarts", "cosine", "linear", "constant_with_warmup", "constant")
         if self.lr_scheduler not in schedulers:
-            raise ValueError(f"train.lr_scheduler={self.lr_scheduler!r}: expected one of {list(schedulers)}")
+            raise UserError(f"train.lr_scheduler={self.lr_scheduler!r}: expected one of {list(schedulers)}")
         if not isinstance(self.grow_init, str) or not re.fullmatch(r"zeros|mean|copy:\d+", self.grow_init):
-            raise ValueError(f"train.grow_init={self.grow_init!r}: expected zeros, mean or copy:<expert index>")
+            raise UserError(f"train.grow_init={self.grow_init!r}: expected zeros, mean or copy:<expert index>")
         if not isinstance(self.novelty_threshold, (int, float)) or not 0 < self.novelty_threshold <= 1:
-            raise ValueError(f"train.novelty_threshold={self.novelty_threshold!r}: expected a number in (0, 1]")
+            raise UserError(f"train.novelty_threshold={self.novelty_threshold!r}: expected a number in (0, 1]")
         for name in ("novelty_window", "max_experts"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 1")
+                raise UserError(f"train.{name}={getattr(self, name)!r}: expected an integer >= 1")
         if self.max_experts > 1024:
-            raise ValueError(f"train.max_experts={self.max_experts}: expected at most 1024 (moe.num_experts' limit)")
+            raise UserError(f"train.max_experts={self.max_experts}: expected at most 1024 (moe.num_experts' limit)")
         if not all(isinstance(x, str) and x in ("wandb", "tensorboard") for x in self.log_with):
-            raise ValueError(f"train.log_with={self.log_with!r}: expected some of ['wandb', 'tensorboard']")
+            raise UserError(f"train.log_with={self.log_with!r}: expected some of ['wandb', 'tensorboard']")
 
     def warmup_for(self, steps: int) -> int:
         """Warm-up of a schedule over `steps`: warmup_steps, else that fraction of them."""
@@ -245,22 +246,22 @@ def load_recipe(path: Optional[str], overrides: list[str] = (), require_base: bo
     for name in SECTIONS:
         values = raw.get(name)
         if values is not None and not isinstance(values, dict):
-            raise ValueError(f"{where}: section {name!r} must be a mapping of field: value, got "
-                             f"{type(values).__name__} {values!r}"[:300])
+            raise UserError(f"{where}: section {name!r} must be a mapping of field: value, got "
+                            f"{type(values).__name__} {values!r}"[:300])
         sections[name] = dict(values or {})
     for name, values in sections.items():
         known = {f.name for f in dataclasses.fields(SECTIONS[name])}
         bad = sorted(map(str, set(values) - known))
         if bad:
-            raise ValueError(f"{where}: unknown key(s) {[f'{name}.{k}' for k in bad]}")
+            raise UserError(f"{where}: unknown key(s) {[f'{name}.{k}' for k in bad]}")
     for key, value in parse_overrides(overrides):
         section, name = resolve_key(key)
         sections[section][name] = value
     if require_base and "base_model" not in sections["model"]:
-        raise ValueError(f"{'recipe ' + path if path else 'no --config given'}: model.base_model is not set, and "
-                         "its default means downloading google/codegemma-2b; pass a recipe "
-                         "(--config configs/demo.yaml is the offline demo) or name the base "
-                         "(--base_model google/codegemma-2b)")
+        raise UserError(f"{'recipe ' + path if path else 'no --config given'}: model.base_model is not set, and "
+                        "its default means downloading google/codegemma-2b; pass a recipe "
+                        "(--config configs/demo.yaml is the offline demo) or name the base "
+                        "(--base_model google/codegemma-2b)")
     built = {}
     for name, cls in SECTIONS.items():
         values = {k: coerce(cls, k, v, f"{name}.{k}") for k, v in sections[name].items()}
@@ -273,7 +274,7 @@ def load_recipe(path: Optional[str], overrides: list[str] = (), require_base: bo
 def read_recipe(path: str) -> dict:
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"{p}: is a directory; expected a recipe YAML file")
+        raise UserError(f"{p}: is a directory; expected a recipe YAML file")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: recipe not found")
     data = p.read_bytes()
@@ -281,20 +282,20 @@ def read_recipe(path: str) -> dict:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{p}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save the recipe as UTF-8") from None
+        raise UserError(f"{p}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save the recipe as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
+        raise UserError(f"{p}: invalid YAML ({' '.join(str(e).split())})") from None
     except RecursionError:
-        raise ValueError(f"{p}: invalid YAML (nested too deeply)") from None
+        raise UserError(f"{p}: invalid YAML (nested too deeply)") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{p}: expected a mapping of sections {list(SECTIONS)}, got {type(raw).__name__}")
+        raise UserError(f"{p}: expected a mapping of sections {list(SECTIONS)}, got {type(raw).__name__}")
     unknown = sorted(map(str, set(raw) - set(SECTIONS)))
     if unknown:
-        raise ValueError(f"{p}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
+        raise UserError(f"{p}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
     return raw
 
 
@@ -302,19 +303,19 @@ def check_consistent(cfg: RunConfig) -> None:
     """Options that are each valid but cannot work together."""
     t, moe, data = cfg.train, cfg.moe, cfg.data
     if t.grow_on_novelty and t.max_experts < moe.num_experts:
-        raise ValueError(f"train.max_experts={t.max_experts} is below moe.num_experts={moe.num_experts}: novelty "
-                         "growth could never add an expert; raise max_experts or turn grow_on_novelty off")
+        raise UserError(f"train.max_experts={t.max_experts} is below moe.num_experts={moe.num_experts}: novelty "
+                        "growth could never add an expert; raise max_experts or turn grow_on_novelty off")
     if t.grow_init.startswith("copy:") and int(t.grow_init[5:]) >= moe.num_experts:
-        raise ValueError(f"train.grow_init={t.grow_init!r}: expected copy:<i> with i < moe.num_experts="
-                         f"{moe.num_experts}")
+        raise UserError(f"train.grow_init={t.grow_init!r}: expected copy:<i> with i < moe.num_experts="
+                        f"{moe.num_experts}")
     if t.early_stopping_patience and not t.eval_every:
-        raise ValueError(f"train.early_stopping_patience={t.early_stopping_patience} needs train.eval_every > 0 "
-                         "(with eval_every 0 the run evaluates only at its end, so it never stops early)")
+        raise UserError(f"train.early_stopping_patience={t.early_stopping_patience} needs train.eval_every > 0 "
+                        "(with eval_every 0 the run evaluates only at its end, so it never stops early)")
     if cfg.model.base_model == TINY_PREFIX + "gpt2":  # learned positions: a longer row is an IndexError
         positions = {**tiny_fields(), **cfg.model.tiny}["max_positions"]
         if data.max_seq_length > positions:
-            raise ValueError(f"data.max_seq_length={data.max_seq_length} exceeds the tiny base's positions "
-                             f"(model.tiny.max_positions={positions}); raise max_positions or lower max_seq_length")
+            raise UserError(f"data.max_seq_length={data.max_seq_length} exceeds the tiny base's positions "
+                            f"(model.tiny.max_positions={positions}); raise max_positions or lower max_seq_length")
 
 
 # Why not OmegaConf or jsonargparse for these overrides: both were weighed. OmegaConf's
@@ -332,7 +333,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
-            raise ValueError(f"command line: expected --key value, got {arg!r}")
+            raise UserError(f"command line: expected --key value, got {arg!r}")
         key = arg[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -351,14 +352,14 @@ def resolve_key(key: str) -> tuple[str, str]:
         section, name = key.split(".", 1)
         if section in SECTIONS and name in {f.name for f in dataclasses.fields(SECTIONS[section])}:
             return section, name
-        raise ValueError(f"command line: unknown option --{key}")
+        raise UserError(f"command line: unknown option --{key}")
     owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
     if not owners:
-        raise ValueError(f"command line: unknown option --{key}")
+        raise UserError(f"command line: unknown option --{key}")
     if len(owners) > 1 and "train" in owners:
         return "train", key  # e.g. --seed is the training seed; --data.seed the split seed
     if len(owners) > 1:
-        raise ValueError(f"command line: --{key} is ambiguous; use one of {[f'--{s}.{key}' for s in owners]}")
+        raise UserError(f"command line: --{key} is ambiguous; use one of {[f'--{s}.{key}' for s in owners]}")
     return owners[0], key
 
 

@@ -6,7 +6,7 @@ Each program runs in its own process tree with a timeout, resource limits and a 
 environment, isolated as far as this machine allows (see docs/evaluation.md).
 """
 from dylora_moe.eval import Limits, mbpp_program, run_many
-from dylora_moe.eval.functional import pass_at_k
+from dylora_moe.eval.command import pass_at_k
 
 tests = ["assert add_3([1, 2]) == [4, 5]", "assert add_3([]) == []"]
 completions = {

@@ -12,8 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
+from dylora_moe.errors import UserError
 
-class ClusterSpecError(ValueError):
+
+class ClusterSpecError(UserError):
     pass
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from dylora_moe.errors import guarded
+from dylora_moe.errors import UserError, guarded
 
 from .cluster import Node, parse_cluster_spec
 
@@ -71,7 +71,7 @@ def is_deepspeed_config(path: Path) -> bool:
     try:
         return yaml.safe_load(Path(path).read_text()).get("distributed_type") == "DEEPSPEED"
     except (OSError, AttributeError, yaml.YAMLError) as e:
-        raise ValueError(f"{CONFIG_ENV}={str(path)!r}: not a readable accelerate config ({type(e).__name__})") from None
+        raise UserError(f"{CONFIG_ENV}={str(path)!r}: not a readable accelerate config ({type(e).__name__})") from None
 
 
 def local_gpus() -> int:
@@ -89,9 +89,9 @@ def resolve_secrets(env: dict, fetch: Optional[Callable[[str], str]] = None) -> 
     try:
         refs = json.loads(env.get(SECRETS_ENV) or "{}")
     except json.JSONDecodeError as e:
-        raise ValueError(f"{SECRETS_ENV}: not valid JSON ({e.msg}); expected {{\"NAME\": \"projects/P/secrets/S/versions/V\"}}") from None
+        raise UserError(f"{SECRETS_ENV}: not valid JSON ({e.msg}); expected {{\"NAME\": \"projects/P/secrets/S/versions/V\"}}") from None
     if not isinstance(refs, dict) or not all(isinstance(v, str) for v in refs.values()):
-        raise ValueError(f"{SECRETS_ENV}: expected a JSON object of NAME: Secret Manager version name")
+        raise UserError(f"{SECRETS_ENV}: expected a JSON object of NAME: Secret Manager version name")
     if not refs:
         return env
     if fetch is None:
@@ -107,7 +107,7 @@ def _secret_manager_fetch() -> Callable[[str], str]:
     try:
         from google.cloud import secretmanager
     except ImportError:
-        raise ValueError(f"{SECRETS_ENV} is set but google-cloud-secret-manager is not installed") from None
+        raise UserError(f"{SECRETS_ENV} is set but google-cloud-secret-manager is not installed") from None
     client = secretmanager.SecretManagerServiceClient()
     return lambda ref: client.access_secret_version(name=ref).payload.data.decode("utf-8")
 

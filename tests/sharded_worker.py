@@ -27,11 +27,11 @@ def batch(vocab: int) -> dict:
 def resident_bytes(model) -> int:
     """What this process holds of the model before the steps: local shards (FSDP2), or
     the partition plus whatever DeepSpeed keeps whole (ZeRO-3), or everything."""
-    from dylora_moe.train.sharding import _is_dtensor
+    from dylora_moe.train.sharding import is_dtensor
 
     total = 0
     for p in model.parameters():
-        if _is_dtensor(p):
+        if is_dtensor(p):
             local = p.to_local()
         elif hasattr(p, "ds_tensor"):
             local = p.ds_tensor

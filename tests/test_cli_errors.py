@@ -9,7 +9,7 @@ import pytest
 from trainrun import ROOT, env
 
 from dylora_moe.cli import COMMANDS, main
-from dylora_moe.errors import guarded, one_line
+from dylora_moe.errors import UserError, guarded, one_line
 
 
 def raising(error):
@@ -19,7 +19,7 @@ def raising(error):
 
 
 @pytest.mark.parametrize("error,message", [
-    (ValueError("train.seed=1.5: expected an integer"), "error: train.seed=1.5: expected an integer"),
+    (UserError("train.seed=1.5: expected an integer"), "error: train.seed=1.5: expected an integer"),
     (FileNotFoundError("x.yaml: recipe not found"), "error: x.yaml: recipe not found"),
     (OSError(errno.ENOSPC, "No space left on device", "/runs/a/metrics.jsonl"),
      "error: /runs/a/metrics.jsonl: No space left on device (the disk is full: free space"),
@@ -46,10 +46,27 @@ def test_cuda_out_of_memory_is_known():
 
 
 @pytest.mark.parametrize("error", [RuntimeError("shape mismatch in a kernel"), TypeError("unsupported operand"),
-                                   KeyError("state"), AssertionError("invariant")])
+                                   KeyError("state"), AssertionError("invariant"),
+                                   ValueError("gates (2, 3) do not match 4 experts")])
 def test_a_bug_keeps_its_traceback(error):
     with pytest.raises(type(error)):
         guarded(raising(error), [])
+
+
+def test_an_internal_value_error_in_a_command_shows_its_traceback(tmp_path):
+    """A plain ValueError is an invariant of ours that broke, not the user's mistake: the
+    command exits with Python's 1 and the traceback, never the one line and exit 2."""
+    script = ("import sys, dylora_moe.eval.report as report\n"
+              "def main(argv):\n"
+              "    raise ValueError('router: gates (2, 3) for 4 experts')\n"
+              "report.main = main\n"
+              "from dylora_moe.cli import main as cli\n"
+              "sys.exit(cli(['report', 'RUN']))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode not in (0, 2), done.stderr
+    assert "Traceback (most recent call last)" in done.stderr, done.stderr
+    assert "ValueError: router: gates (2, 3) for 4 experts" in done.stderr and "error: " not in done.stderr
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
@@ -59,7 +76,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 def test_traceback_on_request(capsys, monkeypatch):
     monkeypatch.setenv("DYLORA_TRACEBACK", "1")
-    assert guarded(raising(ValueError("x: bad")), []) == 2
+    assert guarded(raising(UserError("x: bad")), []) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.endswith("error: x: bad\n")
 
@@ -80,6 +97,7 @@ def test_every_command_goes_through_the_one_error_path(monkeypatch, capsys):
     (["generate", "NOWHERE", "--prompt", "x"], "NOWHERE: no trained experts found"),
     (["eval", "NOWHERE"], "NOWHERE: no trained experts found"),
     (["prune", "NOWHERE"], "NOWHERE: no trained experts found"),
+    (["eval", "NOTOKENIZER"], "NOTOKENIZER/tokenizer: no such folder; a portable folder holds experts/, tokenizer/"),
     (["report", "NOWHERE"], "NOWHERE/metrics.jsonl: no metrics"),
     (["report", "RUN", "--out", "AFILE/x"], "AFILE/x: Not a directory"),
     (["plan", "--config", "EMPTY"], "model.base_model is not set"),
@@ -91,12 +109,16 @@ def test_subcommands_report_bad_input_in_one_line(argv, message, tmp_path, capsy
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")
+    (tmp_path / "portable" / "experts").mkdir(parents=True)  # experts without their tokenizer/
+    (tmp_path / "portable" / "experts" / "moe_config.json").write_text("{}")
     names = {"NOWHERE": str(tmp_path / "nowhere"), "AFILE/x": str(tmp_path / "afile" / "x"),
+             "NOTOKENIZER": str(tmp_path / "portable"),
              "RUN": str(tmp_path / "run"), "EMPTY": str(tmp_path / "empty.yaml"),
              "DEMO": str(ROOT / "configs" / "demo.yaml")}
     assert main([names.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err
-    message = message.replace("NOWHERE", names["NOWHERE"]).replace("AFILE/x", names["AFILE/x"])
+    for placeholder in ("NOWHERE", "AFILE/x", "NOTOKENIZER"):
+        message = message.replace(placeholder, names[placeholder])
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 

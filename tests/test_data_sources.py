@@ -26,7 +26,7 @@ def no_leak(splits):
 
 def test_mbpp_random_split_follows_70_10_20(shared_file):
     path = shared_file("mbpp.jsonl")
-    splits = load_examples(DataConfig(sources=[{"name": "mbpp", "path": str(path)}]))["mbpp"]
+    splits = load_examples(DataConfig(sources=[{"name": "mbpp", "path": str(path)}], mbpp_split="random"))["mbpp"]
     n = sum(1 for line in path.read_text().splitlines() if line.strip())
     assert n == 974
     assert [len(splits[s]) for s in ("train", "validation", "test")] == split_counts(974, [0.7, 0.1, 0.2])

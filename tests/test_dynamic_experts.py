@@ -16,9 +16,12 @@ PHASE_1 = 16  # steps on numbers with 4 experts
 
 @pytest.fixture(scope="module")
 def numbers_run(tmp_path_factory):
+    # grow_on_novelty keeps the experts' library (what the novelty run compares with);
+    # max_experts 4 means this phase never grows.
     tmp = tmp_path_factory.mktemp("numbers")
     out = tmp / "run"
-    done = run("ddp2", SMALL + NUMBERS + ["--max_steps", str(PHASE_1), "--output_dir", str(out)], tmp)
+    done = run("ddp2", SMALL + NUMBERS + ["--max_steps", str(PHASE_1), "--output_dir", str(out),
+                                          "--grow_on_novelty", "--max_experts", "4"], tmp)
     assert done.returncode == 0, explain(done)
     return out / "checkpoints" / f"checkpoint-{PHASE_1}"
 

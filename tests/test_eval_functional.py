@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from trainrun import ROOT, SMALL, explain, run
 
-from dylora_moe.eval.functional import load_tasks, main as eval_main
+from dylora_moe.eval.command import load_tasks, main as eval_main
 from dylora_moe.eval.loading import load_run, weights_hash
 from dylora_moe.recipe import load_recipe
 
@@ -162,7 +162,7 @@ def test_bench_measures_one_at_a_time_and_batched_generation(specialised, tmp_pa
 
 
 def test_mbpp_pass_at_k_of_a_run_trained_on_the_random_split_is_flagged_contaminated():
-    from dylora_moe.eval.functional import contamination_warnings
+    from dylora_moe.eval.command import contamination_warnings
     from dylora_moe.recipe import load_recipe
 
     recipe = str(Path(__file__).resolve().parents[1] / "configs" / "codegemma-2b.yaml")

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from dylora_moe.eval import Limits, humaneval_program, run_many
-from dylora_moe.eval.functional import load_tasks, pass_at_k
+from dylora_moe.eval.command import load_tasks, pass_at_k
 from dylora_moe.eval.prompts import MBPP_SHOTS, bigcode_mbpp_prompt, three_shot_mbpp_prompt
 from dylora_moe.recipe import load_recipe
 

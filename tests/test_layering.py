@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import its own package and anything in a lower layer.
 LAYERS = [
-    ["dylora_moe.errors", "dylora_moe.fieldtypes"],       # no project imports at all
+    ["dylora_moe.errors"],                                 # no project imports at all
+    ["dylora_moe.fieldtypes", "dylora_moe.ranks"],         # recipe values' types; a result or error on every rank
     ["dylora_moe.model"],                                  # the mixture: no data, no training
     ["dylora_moe.data"],                                   # sources -> batches (labels for model/loss)
     ["dylora_moe.recipe", "dylora_moe.checkpoint"],        # a run's recipe; a run's checkpoints on disk

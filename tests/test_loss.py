@@ -126,9 +126,9 @@ def test_automatic_chunk_size_follows_the_vocabulary():
     assert auto_chunk_tokens(10**7) == 512                   # floored
     base = random_causal_lm(tiny_config("gemma", vocab_size=128_000, hidden_size=16, intermediate_size=64))
     moe = DyLoRAMoE(base, MoEConfig())
-    assert moe._loss_chunk_tokens() == 2**28 // 128_000 < 4096
+    assert moe.loss_chunk_tokens() == 2**28 // 128_000 < 4096
     moe.unload()
-    assert DyLoRAMoE(base, MoEConfig(loss_chunk_tokens=0))._loss_chunk_tokens() == 0
+    assert DyLoRAMoE(base, MoEConfig(loss_chunk_tokens=0)).loss_chunk_tokens() == 0
 
 
 def test_chunked_loss_trains_like_the_plain_one_under_zero2(tmp_path):

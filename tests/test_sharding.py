@@ -7,6 +7,7 @@ the fraction of the base each rank holds (measured on the tensors), the portable
 (against the backend's own checkpoint), exact resume after SIGTERM, growth, freezing and
 the novelty trigger, generation, a 4-bit base, and the refusals."""
 import json
+import math
 import subprocess
 
 import pytest
@@ -229,7 +230,10 @@ def test_fsdp2_freezing_in_bf16_and_what_it_refuses(sharded_runs, tmp_path):
 
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 def test_a_nonfinite_micro_batch(backend, modes, tmp_path):
-    """ZeRO-3 skips it (every rank agrees) and counts it; FSDP2 cannot skip it, and says so."""
+    """Skipped and counted, every rank agreeing: ZeRO-3 keeps that micro-batch out of the
+    backward (DeepSpeed applies whatever reached its partitions); FSDP2 drops its whole
+    window's update at the optimizer step (the loss went through FSDP2's reduce-scatter
+    like any other: nothing bypasses it)."""
     from trainrun import CPU_MODES, MODES
 
     mode, out = modes[backend], tmp_path / "run"
@@ -239,19 +243,9 @@ def test_a_nonfinite_micro_batch(backend, modes, tmp_path):
     done = subprocess.run([str(VENV_BIN / "accelerate"), "launch", *MODES[mode], "--main_process_port",
                            str(free_port()), str(ROOT / "tests" / "poisoned_train.py"), *SMALL, "--max_steps", "3",
                            "--output_dir", str(out)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
-    if backend == "zero3":
-        assert done.returncode == 0, explain(done)
-        assert [r for r in records(out) if "loss" in r][-1]["nonfinite_skipped"] == 1
-        return
-    errors = {line for line in done.stderr.splitlines() if line.startswith("error:")}
-    assert done.returncode != 0 and errors == {"error: " + sharding_message(2)}, explain(done)
-    assert not (out / "checkpoints").exists()  # nothing saved from a run that stopped there
-
-
-def sharding_message(step: int) -> str:
-    from dylora_moe.train.sharding import nonfinite_under_fsdp2
-
-    return nonfinite_under_fsdp2(step)
+    assert done.returncode == 0, explain(done)
+    steps = [r for r in records(out) if "loss" in r]
+    assert steps[-1]["nonfinite_skipped"] == 1 and all(math.isfinite(r["lm_loss"]) for r in steps)
 
 
 @pytest.mark.parametrize("backend,overrides,message", [

@@ -191,7 +191,8 @@ def test_auto_verifies_and_falls_back_naming_what_was_wrong(how, reference, tmp_
     ckpts = copy_run(reference, tmp_path) / "checkpoints"
     assert verify(ckpts / "checkpoint-8") is None
     damage(ckpts / "checkpoint-8", how)
-    assert re.fullmatch(DAMAGES[how], verify(ckpts / "checkpoint-8"))
+    problem = verify(ckpts / "checkpoint-8")
+    assert re.fullmatch(DAMAGES[how], str(problem)) and not problem.unsealed  # damaged, not an interrupted save
     assert verified_latest(ckpts) == ckpts / "checkpoint-4"
     assert re.search(rf"checkpoint-8 cannot be resumed: {DAMAGES[how]}", caplog.text)
     assert f"resuming from {ckpts / 'checkpoint-4'} instead" in caplog.text

@@ -26,21 +26,31 @@ def poison(monkeypatch, calls_to_poison):
         out = original(self, *args, **kwargs)
         count["n"] += 1
         if self.training and count["n"] in calls_to_poison:
-            out.loss = out.loss * float("nan")
+            out.lm_loss = out.lm_loss * float("nan")
         return out
 
     monkeypatch.setattr(DyLoRAMoE, "forward", forward)
 
 
 def test_a_nonfinite_batch_is_skipped_and_counted(tmp_path, monkeypatch, fresh_accelerate):
+    """Decided once per optimizer step: the window holding the NaN (step 2, micro-batches
+    3 and 4) makes no update, its finite micro-batch dropped with it; the run goes on."""
     from dylora_moe.train.loop import train
 
+    updates = {"n": 0}
+    original_step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        updates["n"] += 1
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
     poison(monkeypatch, {3})
     summary = train(recipe(tmp_path, "--max_steps", "4"))
-    assert summary["step"] == 4
+    assert summary["step"] == 4 and updates["n"] == 3
     steps = [r for r in records(tmp_path) if "loss" in r]
     assert steps[-1]["nonfinite_skipped"] == 1
-    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["lm_loss"]) for r in steps)
 
 
 def test_too_many_nonfinite_batches_in_a_row_stop_with_a_clear_error(tmp_path, monkeypatch, fresh_accelerate):
@@ -111,7 +121,7 @@ def test_demo_recipe_trains_and_reports(tmp_path, fresh_accelerate, capsys):
     train(cfg)
     assert "outputs in" in capsys.readouterr().out
     steps = [r for r in records(tmp_path) if "loss" in r]
-    assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
+    assert steps[-1]["lm_loss"] < 0.5 * steps[0]["lm_loss"]
     final = [r for r in records(tmp_path) if "eval" in r][-1]["eval"]
     assert set(final) == {"demo:numbers", "demo:strings"}
     assert all(v["dense_loss"] > 0 and abs(sum(v["gate_mean"]) - 1) < 1e-6 for v in final.values())
@@ -122,7 +132,7 @@ def test_8bit_optimizers_train(name, tmp_path, fresh_accelerate):
     from dylora_moe.train.loop import train
 
     train(recipe(tmp_path, "--max_steps", "12", "--optimizer", name, "--learning_rate", "0.01"))
-    steps = [r["loss"] for r in records(tmp_path) if "loss" in r]
+    steps = [r["lm_loss"] for r in records(tmp_path) if "loss" in r]
     assert len(steps) == 12 and steps[-1] < steps[0]
 
 
@@ -146,3 +156,63 @@ def test_diverged_weights_are_never_saved(tmp_path, monkeypatch, fresh_accelerat
         loop.train(recipe(tmp_path, "--max_steps", "6", "--save_every", "2"))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("growth", [False, True])
+def test_the_novelty_library_is_kept_only_with_growth_on(growth, tmp_path, fresh_accelerate):
+    """With grow_on_novelty off none of the novelty bookkeeping runs: the experts' library
+    (router buffers) stays empty; on (max_experts = num_experts: it never grows), it fills."""
+    from safetensors.torch import load_file
+
+    from dylora_moe.train.loop import train
+
+    train(recipe(tmp_path, "--max_steps", "2", *(["--grow_on_novelty", "--max_experts", "4"] if growth else [])))
+    saved = load_file(str(tmp_path / "run" / "final" / "experts" / "experts.safetensors"))
+    assert (int(saved["router.centroid_counts"].sum()) > 0) == growth
+
+
+def test_no_dataloader_worker_outlives_a_run_that_fails(tmp_path, monkeypatch, fresh_accelerate):
+    """Workers are processes with a copy of the data: a run that stops mid-epoch (here on
+    non-finite losses, an exception) ends them on its way out, not at garbage collection."""
+    import multiprocessing
+    import os
+
+    from dylora_moe.train.loop import train
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs for 2 workers")
+    seen = []
+    original = DyLoRAMoE.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(len(multiprocessing.active_children()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DyLoRAMoE, "forward", forward)
+    poison(monkeypatch, set(range(1, 100)))
+    try:
+        train(recipe(tmp_path, "--max_steps", "4", "--dataloader_num_workers", "2"))
+    except FloatingPointError as error:  # its traceback still holds every frame of the run
+        left = multiprocessing.active_children()
+        assert "max_consecutive_nonfinite" in str(error)
+    else:
+        raise AssertionError("the run did not stop")
+    assert max(seen) == 2  # the workers ran...
+    assert left == []  # ...and ended with the run, not with its garbage
+
+
+def test_dataloader_workers_are_bounded_by_the_cpus(tmp_path, capsys):
+    import os
+
+    from dylora_moe.train.cli import main
+
+    cpus = len(os.sched_getaffinity(0))
+    assert main(recipe_args(tmp_path) + ["--dataloader_num_workers", "10000"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: train.dataloader_num_workers=10000: expected at most {cpus} (the CPUs this process may "
+                   "use; each worker is a process with its own copy of the data)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def recipe_args(tmp_path):
+    return SMALL[:] + ["--output_dir", str(tmp_path / "run")]

@@ -16,8 +16,10 @@ def train_loader(dataset, pad_token_id: int, data_cfg, batch_size: int, seed: in
     the training labels."""
     collate = (PackingCollator(pad_token_id, data_cfg.max_seq_length, train_on_prompt=data_cfg.train_on_prompt)
                if data_cfg.packing else DataCollator(pad_token_id, train_on_prompt=data_cfg.train_on_prompt))
+    # Workers live as long as one epoch's iterator, never beyond the run (train/loop.py
+    # closes it on every way out); num_workers is bounded by the CPUs (train/preflight.py).
     return DataLoader(dataset.select_columns(COLUMNS), batch_size=batch_size, shuffle=True, collate_fn=collate,
-                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                      num_workers=num_workers, persistent_workers=False, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loaders(datasets: dict, pad_token_id: int, batch_size: int, seed: int = 0) -> dict[str, DataLoader]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset, concatenate_datasets, interleave_datasets
 
+from ..errors import UserError
 from .config import DataConfig
 from .sources import load_source
 from .splits import subset
@@ -53,7 +54,7 @@ def load_examples(cfg: DataConfig) -> Examples:
         logger.info("source %s: %s", source.label, {k: len(v) for k, v in out[source.label].items()})
     empty = [label for label, splits in out.items() if not splits.get("train")]
     if len(empty) == len(out):
-        raise ValueError("data: no training examples left: " + "; ".join(why_no_train(out, label) for label in empty))
+        raise UserError("data: no training examples left: " + "; ".join(why_no_train(out, label) for label in empty))
     for label in empty:
         logger.warning("data: source %s has no training examples (%s): it is only evaluated", label,
                        why_no_train(out, label))
@@ -102,7 +103,7 @@ def build_datasets(cfg: DataConfig, tokenizer, examples=None) -> DataBundle:
                if "train" in stats and stats["train"]["dropped"] and not stats["train"]["kept"]}
     if not train_sets:
         reasons = "; ".join(f"{label}: {why}" for label, why in dropped.items()) or "every train split is empty"
-        raise ValueError(f"data: no training examples left after tokenizing: {reasons}")
+        raise UserError(f"data: no training examples left after tokenizing: {reasons}")
     for label, why in dropped.items():
         logger.warning("data: source %s has no training examples left: %s", label, why)
     weights = [w for w, _ in train_sets]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 MAX_NAMED = 5
 DEFAULT_MAX_ROW_BYTES = 1_000_000
@@ -49,7 +51,7 @@ def read_rows(path, validate: Callable[[dict], Optional[str]],
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory; expected a .json or .jsonl data file")
+        raise UserError(f"{path}: is a directory; expected a .json or .jsonl data file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     bad = BadRows(str(path))
@@ -66,7 +68,7 @@ def read_rows(path, validate: Callable[[dict], Optional[str]],
             bad.add(where, reason)
     bad.log()
     if not rows:
-        raise ValueError(f"{path}: no usable rows ({bad.total} skipped: {dict(bad.counts)})")
+        raise UserError(f"{path}: no usable rows ({bad.total} skipped: {dict(bad.counts)})")
     return rows, bad
 
 
@@ -78,9 +80,9 @@ def _parse(path: Path, raw: bytes, max_row_bytes: int) -> Iterable[tuple[str, ob
         try:
             data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
         except RecursionError:
-            raise ValueError(f"{path}: invalid JSON (nested too deeply to parse)") from None
+            raise UserError(f"{path}: invalid JSON (nested too deeply to parse)") from None
         for i, row in enumerate(data):
             # Parsed with the file; skipped before anything formats or tokenizes it.
             yield f"{path}:[{i}]", row, too_big if _text_bytes(row, max_row_bytes) > max_row_bytes else None

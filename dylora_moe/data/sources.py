@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import datasets  # called as datasets.load_dataset: tests stand in for the hub there
 
+from ..errors import UserError
 from .config import DataConfig, SourceConfig
 from .demo_tasks import FAMILIES, demo_rows
 from .formatting import instruction_example, mbpp_example
@@ -119,8 +120,8 @@ def _hub(source, repo: str, load):
         return load()
     except (OSError, ValueError) as e:  # offline, unreachable, not found: datasets raises these
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"data.sources[{source.name}]: cannot load the hub dataset {repo} ({first}); "
-                         f"or point the source at a local copy with path:") from None
+        raise UserError(f"data.sources[{source.name}]: cannot load the hub dataset {repo} ({first}); "
+                        f"or point the source at a local copy with path:") from None
 
 
 def _validated(rows, validate, where) -> list[dict]:
@@ -133,5 +134,5 @@ def _validated(rows, validate, where) -> list[dict]:
             bad.add(f"{where}[{i}]", reason)
     bad.log()
     if not good:
-        raise ValueError(f"{where}: no usable rows ({bad.total} skipped)")
+        raise UserError(f"{where}: no usable rows ({bad.total} skipped)")
     return good

@@ -12,6 +12,8 @@ from collections import Counter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DEMO_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
@@ -37,7 +39,7 @@ def tokenize_examples(examples: list[dict], tokenizer, source_id: int, max_seq_l
         return [], Counter()
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token: answers must end with one")
+        raise UserError(f"tokenizer {type(tokenizer).__name__} has no eos_token: answers must end with one")
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     prompts = tokenizer([ex["prompt"] for ex in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([ex["answer"] for ex in examples], add_special_tokens=False)["input_ids"]

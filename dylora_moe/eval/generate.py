@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..data.formatting import alpaca_prompt
-from ..errors import guarded
+from ..errors import UserError, guarded
 from ..model.router import per_example_gates
 from .loading import load_run
 from .variants import Variant, gate_context, resolve
@@ -38,7 +38,9 @@ def parse_args(argv):
     mode.add_argument("--base", action="store_true", help="the base model alone, no experts")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling: only the most likely tokens up to this probability mass (1.0, the default, "
+                   "is off; greedy decoding, temperature 0, ignores it)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -54,11 +56,11 @@ def variant_name(args) -> str:
 def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> None:
     """One-line errors naming the flag, before any model work."""
     if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens {max_new_tokens}: expected an integer >= 1")
+        raise UserError(f"--max_new_tokens {max_new_tokens}: expected an integer >= 1")
     if not temperature >= 0:
-        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+        raise UserError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"--top_p {top_p}: expected 0 < top_p <= 1")
+        raise UserError(f"--top_p {top_p}: expected 0 < top_p <= 1")
 
 
 def generation_config(tokenizer, max_new_tokens=256, temperature=0.0, top_p=1.0, n=1, stop=()):
@@ -165,7 +167,7 @@ def _main(argv) -> int:
     loaded = load_run(args.run, base_model=args.base_model)
     num_experts = loaded.moe.config.num_experts
     if args.expert is not None and not 0 <= args.expert < num_experts:
-        raise ValueError(f"--expert {args.expert}: expected 0..{num_experts - 1}")
+        raise UserError(f"--expert {args.expert}: expected 0..{num_experts - 1}")
     torch.manual_seed(args.seed)
     prompt = args.prompt if args.raw else alpaca_prompt(args.prompt)
     name = variant_name(args)

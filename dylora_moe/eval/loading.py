@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..errors import UserError
 from ..model import DyLoRAMoE
 from ..model.quantized import quantization_config
 from ..recipe import base_files, load_recipe
@@ -45,6 +46,9 @@ def load_run(path, base_model=None, dtype=None) -> Loaded:
     """The base comes from `base_model` (an object or a hub id/path), else from the run:
     a tiny random base saved in the run dir, or the recipe's model.base_model."""
     src = portable_dir(path)
+    if not (src / "tokenizer").is_dir():  # before any base is loaded; transformers would blame a "repo id"
+        raise FileNotFoundError(f"{src / 'tokenizer'}: no such folder; a portable folder holds experts/, tokenizer/ "
+                                "and recipe.yaml as training wrote them (copy the run's tokenizer/ there)")
     recipe = load_recipe(str(src / "recipe.yaml")) if (src / "recipe.yaml").is_file() else None
     if base_model is None or isinstance(base_model, (str, Path)):
         name = base_model or _base_from_run(src, recipe)
@@ -53,7 +57,11 @@ def load_run(path, base_model=None, dtype=None) -> Loaded:
         base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **files,
                                                           **_quantization_kwargs(recipe, dtype or torch.float32))
     moe = DyLoRAMoE.from_pretrained(base_model, src / "experts")
-    tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
+    except (OSError, ValueError) as e:  # an empty or damaged folder
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{src / 'tokenizer'}: not a readable tokenizer ({first})") from None
     return Loaded(moe=moe.eval(), tokenizer=tokenizer, source=src, weights_sha256=weights_hash(moe), recipe=recipe)
 
 

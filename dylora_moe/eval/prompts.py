@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.formatting import alpaca_prompt, mbpp_instruction
+from ..errors import UserError
 from .programs import Program, cut_at, extract_code, humaneval_program, mbpp_program
 
 FORMATS = {"mbpp": ("instruct", "bigcode", "3shot"), "humaneval": ("instruct", "raw"), "demo": ("instruct",)}
@@ -72,8 +73,8 @@ class Task:
 
 def check_format(task_set: str, fmt: str) -> None:
     if fmt not in FORMATS[task_set]:
-        raise ValueError(f"--prompt_format {fmt}: not available for {task_set} (choose from: "
-                         f"{', '.join(FORMATS[task_set])})")
+        raise UserError(f"--prompt_format {fmt}: not available for {task_set} (choose from: "
+                        f"{', '.join(FORMATS[task_set])})")
 
 
 def mbpp_task(example: dict, fmt: str) -> Task:
@@ -112,6 +113,6 @@ def mbpp_text(example: dict) -> str:
     head, sep, _ = example["prompt"].partition("\nYour code should pass these tests:\n")
     text = head.rsplit("### Instruction:\n", 1)[-1]
     if not sep or alpaca_prompt(mbpp_instruction(text, example["tests"])) != example["prompt"]:
-        raise ValueError(f"MBPP task {example['id']}: its prompt is not in the training format; cannot recover "
-                         "the problem text for --prompt_format bigcode/3shot")
+        raise UserError(f"MBPP task {example['id']}: its prompt is not in the training format; cannot recover "
+                        "the problem text for --prompt_format bigcode/3shot")
     return text

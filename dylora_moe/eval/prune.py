@@ -22,7 +22,7 @@ import torch
 
 from ..data import build_datasets, load_examples
 from ..data.loaders import eval_loaders
-from ..errors import guarded
+from ..errors import UserError, guarded
 from ..model.portable import write_portable
 from .loading import load_run, local_base
 from .losses import evaluate_losses
@@ -33,7 +33,7 @@ def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[fl
     bundle = build_datasets(recipe.data, tokenizer, load_examples(recipe.data))
     loaders = eval_loaders(bundle.validation, tokenizer.pad_token_id, recipe.train.eval_batch_size, recipe.train.seed)
     if not loaders:
-        raise ValueError("the run's recipe has no validation data to measure expert usage on")
+        raise UserError("the run's recipe has no validation data to measure expert usage on")
     results = evaluate_losses(moe, loaders, moe.config.num_experts)
     rows = {name: len(bundle.validation[name]) for name in results}
     total = torch.zeros(moe.config.num_experts, dtype=torch.float64)
@@ -46,7 +46,7 @@ def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     """Measure, prune, write; returns the summary also written as prune.json."""
     out = Path(output) if output else Path(str(Path(run).resolve()).rstrip("/") + "-pruned")
     if out.exists():  # checked before anything loads
-        raise ValueError(f"{out} already exists: choose another --output (prune never overwrites)")
+        raise UserError(f"{out} already exists: choose another --output (prune never overwrites)")
     loaded = load_run(run, base_model=base_model)
     recipe = loaded.recipe
     if recipe is None:
@@ -56,8 +56,8 @@ def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
     usage, by_source = expert_usage(moe, recipe, loaded.tokenizer)
     drop = [i for i, u in enumerate(usage) if u < threshold]
     if len(drop) == len(usage):
-        raise ValueError(f"--threshold {threshold}: every expert is below it (usage {_rounded(usage)}); nothing would "
-                         "be left")
+        raise UserError(f"--threshold {threshold}: every expert is below it (usage {_rounded(usage)}); nothing would "
+                        "be left")
     for index in sorted(drop, reverse=True):  # from the end, so the remaining indices stay valid
         moe.prune_expert(index, note={"usage": usage[index], "threshold": threshold})
     recipe.moe = moe.config
@@ -95,7 +95,7 @@ def _main(argv) -> int:
     parser.add_argument("--base_model", help="the base model, if not the run's own")
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
-        raise ValueError(f"--threshold {args.threshold}: expected a number in (0, 1)")
+        raise UserError(f"--threshold {args.threshold}: expected a number in (0, 1)")
     summary = prune_run(args.run, args.threshold, args.output, args.base_model)
     print(f"usage {_rounded(summary['usage'])}: pruned {summary['pruned'] or 'none'}, kept {summary['kept']} "
           f"-> {summary['num_experts']} experts in {summary['output']}")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import guarded
+from ..errors import UserError, guarded
 from .health import routing_warnings
 from .plots import save_usage_heatmap
 
@@ -43,10 +43,10 @@ def write_report(run_dir, out_dir=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     train, evals = read_metrics(run_dir)
     if not train:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no training steps logged yet")
+        raise UserError(f"{run_dir / 'metrics.jsonl'}: no training steps logged yet")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (LM loss)")
+    ax.plot([r["step"] for r in train], [_lm_loss(r) for r in train], label="train (LM loss)")
     sources = sorted({s for e in evals for s in e["eval"]})
     for source in sources:
         points = [(e["step"], e["eval"][source]["loss"]) for e in evals if source in e["eval"]]
@@ -78,11 +78,16 @@ def write_report(run_dir, out_dir=None) -> Path:
     return out
 
 
+def _lm_loss(record: dict) -> float:
+    """The LM loss of a training record (`loss` is what was optimised, balance included)."""
+    return record.get("lm_loss", record["loss"])
+
+
 def _markdown(run_dir, train, evals) -> str:
     last = train[-1]
     lines = [f"# Run report: {run_dir}", "",
-             f"- steps: {last['step']} (epoch {last['epoch']}), last train loss {last['loss']:.4f}, "
-             f"balance loss {last['balance_loss']:.2e}, lr {last['lr']:.2e}",
+             f"- steps: {last['step']} (epoch {last['epoch']}), last train LM loss {_lm_loss(last):.4f}, "
+             f"balance loss {last['balance_loss']:.2e} (optimised: {last['loss']:.4f}), lr {last['lr']:.2e}",
              f"- throughput: {last['tokens_per_s']:.0f} tokens/s, memory {last['memory_gib']:.2f} GiB",
              f"- non-finite micro-batches skipped: {last.get('nonfinite_skipped', 0)}", "",
              "![loss](loss.png)", ""]

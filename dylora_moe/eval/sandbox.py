@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import UserError
 from .programs import Program
 from .slots import slot_uid
 
@@ -62,9 +63,9 @@ class Limits:
 
     def __post_init__(self):
         if not self.timeout_s > 0:
-            raise ValueError(f"timeout {self.timeout_s}: expected seconds > 0")
+            raise UserError(f"timeout {self.timeout_s}: expected seconds > 0")
         if self.isolation is not None and self.isolation not in MODES:
-            raise ValueError(f"isolation {self.isolation!r}: expected one of {', '.join(MODES)}")
+            raise UserError(f"isolation {self.isolation!r}: expected one of {', '.join(MODES)}")
 
 
 @dataclass

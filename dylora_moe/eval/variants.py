@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import UserError
+
 # "mixture" is what eval has always called the routed variant (its samples are keyed by it).
 ROUTED = ("routed", "mixture")
 _EXPERT = re.compile(r"expert-(\d+)")
@@ -60,21 +62,21 @@ def resolve(name: str, num_experts: int) -> Variant:
     if match and int(match.group(1)) < num_experts:
         index = int(match.group(1))
         return Variant(name, tuple(float(e == index) for e in range(num_experts)))
-    raise ValueError(f"variant {name!r}: expected one of routed, expert-0..expert-{num_experts - 1}, uniform, base")
+    raise UserError(f"variant {name!r}: expected one of routed, expert-0..expert-{num_experts - 1}, uniform, base")
 
 
 def custom(gates: Sequence[float], num_experts: int, name: str = "gates") -> Variant:
     """Gates a user gave: E finite values >= 0 with a positive sum, normalised to sum 1."""
     values = [float(g) for g in gates]
     if len(values) != num_experts:
-        raise ValueError(f"{name}: expected {num_experts} values (one per expert), got {len(values)}")
+        raise UserError(f"{name}: expected {num_experts} values (one per expert), got {len(values)}")
     if not all(math.isfinite(g) for g in values):
-        raise ValueError(f"{name}: expected finite numbers, got {values}")
+        raise UserError(f"{name}: expected finite numbers, got {values}")
     if any(g < 0 for g in values):
-        raise ValueError(f"{name}: expected values >= 0, got {values}")
+        raise UserError(f"{name}: expected values >= 0, got {values}")
     total = sum(values)
     if not total > 0:
-        raise ValueError(f"{name}: expected a positive sum (all zeros is the base: use the base variant)")
+        raise UserError(f"{name}: expected a positive sum (all zeros is the base: use the base variant)")
     return Variant(name, tuple(g / total for g in values))
 
 

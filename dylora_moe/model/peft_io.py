@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import UserError
 from .inject import matches
 from .layer import StackedLoRALinear, is_conv1d, is_linear_like
 
@@ -36,7 +37,7 @@ def export_mixture(base_model, layers: dict[str, StackedLoRALinear], gates, out_
     first = next(iter(layers.values()))
     gates = torch.as_tensor(gates, dtype=torch.float32)
     if gates.shape != (first.num_experts,):
-        raise ValueError(f"gates: expected {first.num_experts} values, got {tuple(gates.shape)}")
+        raise UserError(f"gates: expected {first.num_experts} values, got {tuple(gates.shape)}")
     columns = gates.repeat_interleave(first.r)
     tensors = {name: (layer.lora_A, layer.lora_B * columns.to(layer.lora_B.device)) for name, layer in layers.items()}
     rank = first.num_experts * first.r

@@ -11,14 +11,14 @@ per-layer formula derived from the layer's modules (norms, attention, MLP, our s
 LoRA layers) for the recipe's micro-batch and sequence length. Each component is
 reported on its own, for every shipped accelerate config (single_gpu, multi_gpu,
 zero2, zero2_offload, and with the base split over the processes zero3, fsdp2 and
-zero3_offload: sharding.py), then checked against common GPUs, with the first
+zero3_offload: sharded.py), then checked against common GPUs, with the first
 config that fits recommended per GPU. Why each formula is what it is sits next to it;
 the test (tests/test_plan.py) holds the estimate to the measured peak of real training
 steps, one of them on a base sharded by FSDP2 over 2 processes.
 
 The package, bottom to top: shape (the base's shapes), setup (the accelerate config and
-the micro-batch), component and sharding (the terms), estimate (one config's peak), fit
-(GPUs, recommendation, the report), cli.
+the micro-batch), component and sharded (the terms; sharded: those of a sharded base),
+estimate (one config's peak), fit (GPUs, recommendation, the report), cli.
 """
 from .cli import main
 from .component import GiB, Component

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..errors import guarded
+from ..errors import UserError, guarded
 from ..recipe import load_recipe
 from .fit import GPUS, format_report, plan_recipe, resolve_gpu
 
@@ -26,7 +26,7 @@ def _main(argv) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args, overrides = parser.parse_known_args(argv)
     if args.num_processes < 1:
-        raise ValueError(f"--num_processes={args.num_processes}: expected an integer >= 1")
+        raise UserError(f"--num_processes={args.num_processes}: expected an integer >= 1")
     gpus = [resolve_gpu(g) for g in args.gpu] if args.gpu else None
     cfg = load_recipe(args.config, overrides, require_base=True)
     report = plan_recipe(cfg, args.config or "", args.num_processes, gpus)

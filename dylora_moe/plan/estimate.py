@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from . import sharding
+from . import sharded
 from .component import GiB, Component
 from .setup import Step, Strategy
 from .shape import ModelShape
@@ -51,8 +51,8 @@ def estimate(shape: ModelShape, step: Step, strategy: Strategy) -> Plan:
     trainable = shape.expert_params + shape.router_params
     if strategy.sharded:
 
-        parts = sharding.base_components(shape, step, strategy, base_weights(shape, step))
-        parts += sharding.expert_states(shape, trainable, step, strategy)
+        parts = sharded.base_components(shape, step, strategy, base_weights(shape, step))
+        parts += sharded.expert_states(shape, trainable, step, strategy)
     else:
         parts = [base_weights(shape, step)]
         parts += expert_states(trainable, step, strategy)

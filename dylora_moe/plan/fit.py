@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..errors import UserError
 from .component import GiB
 from .estimate import CUDA_ALLOWANCE_GIB, ROW_NAMES, estimate
 from .setup import Step, Strategy, planned_moe, shipped_strategies, step_of
@@ -129,7 +130,7 @@ def resolve_gpu(name: str) -> str:
     wanted = name.upper().replace("_", "-")
     matches = [g for g in GPUS if g.upper() == wanted or g.upper().startswith(wanted + "-")]
     if len(matches) != 1:
-        raise ValueError(f"--gpu={name!r}: expected one of {list(GPUS)}")
+        raise UserError(f"--gpu={name!r}: expected one of {list(GPUS)}")
     return matches[0]
 
 

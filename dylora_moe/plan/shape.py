@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..data import build_demo_tokenizer
+from ..errors import UserError
 from ..model import DyLoRAMoE
 from ..model.hub_configs import known_configs
 from ..model.layer import StackedLoRALinear, is_linear_like, linear_shape
@@ -66,7 +67,7 @@ class ModelShape:
     attention: str = "sdpa"
     largest_linear: int = 0         # out*in of the largest quantizable Linear
     loss_chunk_tokens: int = 0      # what the model will use in training (0 = plain loss)
-    # For a sharded base (sharding.py): what is gathered at once, what stays whole.
+    # For a sharded base (sharded.py): what is gathered at once, what stays whole.
     block_params: int = 0           # one decoder block's frozen parameters
     block_quantizable: int = 0      # of which bitsandbytes would quantize
     embedding_params: int = 0       # the input embeddings
@@ -96,9 +97,9 @@ def resolve_base_config(model_cfg):
         try:
             return tiny_config(name[len(TINY_PREFIX):], vocab_size=vocab, **model_cfg.tiny), f"tiny-random, vocab {vocab}"
         except TypeError as e:
-            raise ValueError(f"model.tiny={model_cfg.tiny!r}: {e}") from None
+            raise UserError(f"model.tiny={model_cfg.tiny!r}: {e}") from None
         except ValueError as e:
-            raise ValueError(f"model.base_model={name!r}: {e}") from None
+            raise UserError(f"model.base_model={name!r}: {e}") from None
     files = base_files(model_cfg)
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True, **files), "its config.json (local)"
@@ -110,7 +111,7 @@ def resolve_base_config(model_cfg):
         return AutoConfig.from_pretrained(name, **files), "its config.json (hub)"
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"model.base_model={name!r}: cannot read its config ({first})") from None
+        raise UserError(f"model.base_model={name!r}: cannot read its config ({first})") from None
 
 
 def tiny_vocab(model_cfg) -> int:
@@ -179,7 +180,7 @@ def model_shape(hf_config, moe_cfg, base_model: str = "", source: str = "", attn
         activation_saves=next((ACTIVATION_SAVES.get(type(m).__name__, 1) for m in layer.modules()
                                if is_activation(m)), 1),
         attention=base.config._attn_implementation or "sdpa", largest_linear=largest,
-        loss_chunk_tokens=moe._loss_chunk_tokens(),
+        loss_chunk_tokens=moe.loss_chunk_tokens(),
         block_params=sum(p.numel() for p in block),
         block_quantizable=sum(m.weight.numel() for m in layer.modules() if is_linear_like(m)
                               and not isinstance(m, StackedLoRALinear)),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import guarded
+from ..errors import UserError, guarded
 
 
 def parse_args(argv):
@@ -44,23 +44,23 @@ def parse_args(argv):
 def check(args) -> None:
     """One-line errors naming the flag, before any model loads."""
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port}: expected 1..65535")
+        raise UserError(f"--port {args.port}: expected 1..65535")
     for flag in ("max_batch", "max_tokens", "max_n", "threads", "context"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag} {value}: expected an integer >= 1")
+            raise UserError(f"--{flag} {value}: expected an integer >= 1")
     if args.max_queue < 0:
-        raise ValueError(f"--max_queue {args.max_queue}: expected an integer >= 0")
+        raise UserError(f"--max_queue {args.max_queue}: expected an integer >= 0")
     for flag in ("request_timeout", "drain_timeout"):
         if not getattr(args, flag) > 0:
-            raise ValueError(f"--{flag} {getattr(args, flag)}: expected seconds > 0")
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected seconds > 0")
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
-        raise ValueError(f"serve needs the serve extra ({error.name} is missing): "
-                         "pip install 'dylora-moe[serve]'") from None
+        raise UserError(f"serve needs the serve extra ({error.name} is missing): "
+                        "pip install 'dylora-moe[serve]'") from None
 
 
 def served_name(run) -> str:

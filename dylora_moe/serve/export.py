@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import guarded
+from ..errors import UserError, guarded
 from ..eval.variants import custom
 
 
@@ -36,7 +36,7 @@ def parse_gates(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--gates {text}: expected comma-separated numbers, e.g. 0.5,0.5,0,0") from None
+        raise UserError(f"--gates {text}: expected comma-separated numbers, e.g. 0.5,0.5,0,0") from None
 
 
 def source_gates(loaded, source: str) -> list[float]:
@@ -46,7 +46,7 @@ def source_gates(loaded, source: str) -> list[float]:
         raise FileNotFoundError(f"{loaded.source / 'recipe.yaml'}: missing; --source reads the run's recipe data")
     _, by_source = expert_usage(loaded.moe, loaded.recipe, loaded.tokenizer)
     if source not in by_source:
-        raise ValueError(f"--source {source}: not a data source of this run; expected one of {', '.join(by_source)}")
+        raise UserError(f"--source {source}: not a data source of this run; expected one of {', '.join(by_source)}")
     return by_source[source]
 
 
@@ -56,7 +56,7 @@ def export(run, out, gates=None, source=None, base_model=None) -> dict:
 
     out = Path(out)
     if out.exists():
-        raise ValueError(f"--out {out}: already exists; export never overwrites")
+        raise UserError(f"--out {out}: already exists; export never overwrites")
     wanted = parse_gates(gates) if gates is not None else None
     loaded = load_run(run, base_model=base_model)
     num_experts = loaded.moe.config.num_experts

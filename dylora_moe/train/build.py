@@ -2,6 +2,7 @@
 data loaders (the schedule: schedule.py). Each builder is small and testable on its own."""
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..data import build_demo_tokenizer
 from ..data.loaders import eval_loaders, train_loader
+from ..errors import UserError
 from ..model import DyLoRAMoE
 from ..model.quantized import quantization_config
 from ..model.tiny import TINY_PREFIX, random_causal_lm, tiny_config
@@ -69,7 +71,7 @@ def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
             kwargs["device_map"] = {"": accelerator.device}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {name} only {model.get_input_embeddings().num_embeddings}")
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but {name} only {model.get_input_embeddings().num_embeddings}")
     return model
 
 
@@ -86,13 +88,15 @@ def check_saved_tiny_base(path: Path, config, tiny: dict) -> None:
 
 
     if config_sha256(AutoConfig.from_pretrained(path)) != config_sha256(config):
-        raise ValueError(f"model.tiny={tiny!r}: {path} holds a tiny base of another architecture or shape (this "
-                         "run was started with other model settings); use the recipe it was started with, or "
-                         "another --output_dir")
+        raise UserError(f"model.tiny={tiny!r}: {path} holds a tiny base of another architecture or shape (this "
+                        "run was started with other model settings); use the recipe it was started with, or "
+                        "another --output_dir")
 
 
 def build_moe(cfg, base) -> DyLoRAMoE:
-    moe = DyLoRAMoE(base, cfg.moe)
+    # The model's own copy of the moe section: growth changes the model's (num_experts,
+    # extra), and the recipe object must not change under whoever else reads it.
+    moe = DyLoRAMoE(base, copy.deepcopy(cfg.moe))
     if cfg.model.gradient_checkpointing:
         moe.gradient_checkpointing_enable()
     if cfg.model.compile:
@@ -104,9 +108,9 @@ def check_optimizer(cfg, deepspeed: bool) -> None:
     """ZeRO partitions (and with offload, runs) the optimizer itself, in fp32: an 8-bit
     bitsandbytes optimizer cannot live there. Checked before any model is loaded."""
     if deepspeed and cfg.train.optimizer != "adamw":
-        raise ValueError(f"train.optimizer={cfg.train.optimizer!r} cannot run under DeepSpeed ZeRO (it shards and, "
-                         "with offload, runs the optimizer itself); use adamw there, or an accelerate config "
-                         "without DeepSpeed (single_gpu, multi_gpu) for 8-bit optimizers")
+        raise UserError(f"train.optimizer={cfg.train.optimizer!r} cannot run under DeepSpeed ZeRO (it shards and, "
+                        "with offload, runs the optimizer itself); use adamw there, or an accelerate config "
+                        "without DeepSpeed (single_gpu, multi_gpu) for 8-bit optimizers")
 
 
 def build_optimizer(moe, cfg, cpu_offload: bool):
@@ -118,7 +122,7 @@ def build_optimizer(moe, cfg, cpu_offload: bool):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError(f"train.optimizer={t.optimizer!r} needs bitsandbytes (pip install bitsandbytes)") from None
+            raise UserError(f"train.optimizer={t.optimizer!r} needs bitsandbytes (pip install bitsandbytes)") from None
         cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
         return cls(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
     if cpu_offload:

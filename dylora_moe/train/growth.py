@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import UserError
 from ..model import MoEConfig
 from ..model.growth import expert_axes
 from ..model.moe import CONFIG_FILE
@@ -49,8 +50,8 @@ def saved_moe_config(checkpoint) -> MoEConfig:
     """The mixture a checkpoint holds (its portable copy's config)."""
     path = Path(checkpoint) / "portable" / "experts" / CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"train.resume_from_checkpoint={str(checkpoint)!r}: {path} is missing; expected a "
-                         "checkpoint written by dylora-moe train")
+        raise UserError(f"train.resume_from_checkpoint={str(checkpoint)!r}: {path} is missing; expected a "
+                        "checkpoint written by dylora-moe train")
     return MoEConfig.load(path)
 
 
@@ -69,8 +70,8 @@ def plan_resume(cfg, checkpoint) -> tuple[MoEConfig, int]:
     add = max(0, requested - have)
     step = (read_marker(checkpoint) or {}).get("step", 0)
     if add and cfg.train.max_steps and cfg.train.max_steps <= step:
-        raise ValueError(f"train.max_steps={cfg.train.max_steps}: the checkpoint is at step {step}; a resume with more "
-                         "experts trains up to max_steps (the run's total), so raise it")
+        raise UserError(f"train.max_steps={cfg.train.max_steps}: the checkpoint is at step {step}; a resume with more "
+                        "experts trains up to max_steps (the run's total), so raise it")
     return as_saved, add
 
 
@@ -88,8 +89,6 @@ class Grower:
         carried = raw_optimizer.state_dict() if _reshapeable(raw_optimizer, self.deepspeed) else None
         masters = [full_fp32(p).cpu() for p in moe.trainable_parameters()] if self.deepspeed else None
         acc.free_memory()  # out of DDP / DeepSpeed: their wrappers hold the old tensors
-        # ...and prepare must wrap it again (DDP), not return it as already prepared
-        moe.__dict__.pop("_is_accelerate_prepared", None)
         with sharding.full_experts(acc, moe):  # ZeRO-3: the old experts whole, to widen them
             for _ in range(count):
                 moe.add_expert(self.cfg.train.grow_init, note=note)

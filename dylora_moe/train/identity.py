@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from ..errors import UserError
 from ..model.inject import describe_targets
 
 logger = logging.getLogger(__name__)
@@ -49,18 +50,18 @@ def check_resume(checkpoint: Path, marker: dict, base_name: str, hf_config, save
     where = f"train.resume_from_checkpoint={str(checkpoint)!r}"
     saved_base = marker.get("base") or {}
     if saved_base.get("config_sha256") and saved_base["config_sha256"] != config_sha256(hf_config):
-        raise ValueError(f"{where}: its experts were trained on base {saved_base.get('name')!r} (config sha256 "
-                         f"{saved_base['config_sha256'][:12]}), this recipe loads {base_name!r} (config sha256 "
-                         f"{config_sha256(hf_config)[:12]}); resume with the base it was trained on")
+        raise UserError(f"{where}: its experts were trained on base {saved_base.get('name')!r} (config sha256 "
+                        f"{saved_base['config_sha256'][:12]}), this recipe loads {base_name!r} (config sha256 "
+                        f"{config_sha256(hf_config)[:12]}); resume with the base it was trained on")
     if saved_base.get("name") and saved_base["name"] != base_name:
         logger.warning("%s was trained on base %r; this recipe names %r, with the same config: resuming on it",
                        checkpoint, saved_base["name"], base_name)
     if saved_moe.lora_r != lora_r:
-        raise ValueError(f"moe.lora_r={lora_r}: the experts of {checkpoint} have lora_r={saved_moe.lora_r}; "
-                         f"resume with --lora_r {saved_moe.lora_r}")
+        raise UserError(f"moe.lora_r={lora_r}: the experts of {checkpoint} have lora_r={saved_moe.lora_r}; "
+                        f"resume with --lora_r {saved_moe.lora_r}")
     saved_names = list(saved_moe.target_modules or [])
     if saved_names and sorted(saved_names) != sorted(target_names):
         leaves = sorted({n.rsplit(".", 1)[-1] for n in saved_names})
-        raise ValueError(f"moe.target_modules: this recipe puts experts on {describe_targets(target_names)}, those "
-                         f"of {checkpoint} are on {describe_targets(saved_names)}; resume with --target_modules "
-                         f"'[{', '.join(leaves)}]'")
+        raise UserError(f"moe.target_modules: this recipe puts experts on {describe_targets(target_names)}, those "
+                        f"of {checkpoint} are on {describe_targets(saved_names)}; resume with --target_modules "
+                        f"'[{', '.join(leaves)}]'")

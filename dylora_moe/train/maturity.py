@@ -50,7 +50,7 @@ class ExpertFreezer:
         self.snapshots: list[torch.Tensor | None] = [None] * len(self.axes)
         # FSDP2 shards (DTensor) never receive a gradient through autograd: mask_gradients instead.
         self._hooks = [a.get().register_hook(self._masker(i)) for i, a in enumerate(self.axes)
-                       if not sharding._is_dtensor(a.get())] if self.enabled else []
+                       if not sharding.is_dtensor(a.get())] if self.enabled else []
         self.update()
 
     @property
@@ -102,7 +102,7 @@ class ExpertFreezer:
             return
         for axis in self.axes:
             grad = axis.get().grad
-            if grad is None or not sharding._is_dtensor(grad):
+            if grad is None or not sharding.is_dtensor(grad):
                 continue
             from torch.distributed.tensor import distribute_tensor
 

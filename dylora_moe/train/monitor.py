@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..model.router import per_example_gates, segment_validity
 
 
 class RoutingStats:
-    """Running sums over one logging window (local to a rank until `reduced`)."""
+    """Running sums over one logging window, on the device (local to a rank until `reduced`)."""
 
     def __init__(self, num_experts: int, num_sources: int, device):
         self.gate_sum = torch.zeros(num_experts, device=device, dtype=torch.float64)
@@ -23,24 +25,31 @@ class RoutingStats:
         self.source_units = torch.zeros(num_sources, device=device, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, gates: torch.Tensor, batch: dict) -> None:
-        """gates (B, U, E) (one unit per sequence / packed example / token) of `batch`."""
+    def add(self, gates: torch.Tensor, batch: dict, keep: Optional[torch.Tensor] = None) -> None:
+        """gates (B, U, E) (one unit per sequence / packed example / token) of `batch`.
+        `keep`: a bool on the device, False for a micro-batch whose loss was not finite.
+        Masks, never boolean indexing or bincount: those read a size back to the host,
+        and this runs every micro-batch."""
         segment_ids = batch.get("segment_ids")
-        per_example = per_example_gates(gates.detach().double(), batch["attention_mask"], segment_ids)
-        source_id = batch.get("source_id")
+        per_example = per_example_gates(gates.detach().double(), batch["attention_mask"], segment_ids)  # (B, S, E)
+        num_experts = per_example.shape[-1]
         if segment_ids is not None:  # packed: one source per example, -1 where a row holds fewer
             valid = segment_validity(segment_ids, per_example.shape[1])
-            per_unit = per_example[valid]
-            sources = source_id[valid] if source_id is not None else None
         else:
-            per_unit, sources = per_example[:, 0], source_id
-        self.gate_sum += per_unit.sum(0)
-        self.top1 += torch.bincount(per_unit.argmax(-1), minlength=per_unit.shape[-1]).double()
+            valid = torch.ones(per_example.shape[:2], dtype=torch.bool, device=per_example.device)
+        if keep is not None:
+            valid = valid & keep
+        weight = valid.to(per_example.dtype).unsqueeze(-1)  # (B, S, 1)
+        per_unit = torch.where(valid.unsqueeze(-1), per_example, 0.0)  # a dropped unit's NaN must not reach the sums
+        self.gate_sum += per_unit.sum(dim=(0, 1))
+        self.top1 += (F.one_hot(per_example.argmax(-1), num_experts).double() * weight).sum(dim=(0, 1))
         self.entropy += -(per_unit.clamp_min(1e-12).log() * per_unit).sum()
-        self.units += per_unit.shape[0]
-        if sources is not None:
-            self.by_source.index_add_(0, sources.to(self.by_source.device), per_unit)
-            self.source_units += torch.bincount(sources, minlength=len(self.source_units)).double()
+        self.units += weight.sum()
+        source_id = batch.get("source_id")
+        if source_id is not None:
+            index = (source_id if segment_ids is not None else source_id.unsqueeze(1)).clamp_min(0).reshape(-1)
+            self.by_source.index_add_(0, index, per_unit.reshape(-1, num_experts))
+            self.source_units.index_add_(0, index, weight.reshape(-1))
 
     def reduced(self, accelerator) -> dict:
         tensors = [self.gate_sum, self.top1, self.entropy.view(1), self.units.view(1), self.by_source.flatten(),

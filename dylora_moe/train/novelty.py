@@ -4,7 +4,11 @@ experts have trained on (`train.grow_on_novelty`).
 The library: per expert, the mean embedding of the examples it trained on (router
 buffers `expert_centroids` / `centroid_counts`). It is saved with the model and in
 checkpoints, so a later run (say, a resume on new data) starts from what earlier runs
-learnt. It is kept up to date in every run, whether or not growth is on.
+learnt. It is kept up to date only while growth is on: with grow_on_novelty off nothing
+here runs (no embeddings, no all-reduce). A novelty run resumed from one trained
+without it starts from an empty library, so its first data is taken as familiar (a
+warning says so); train the earlier phase with grow_on_novelty on (max_experts =
+num_experts: it never grows) to keep its library.
 
 An example's embedding is the base model's input embeddings, layer-normed as the router
 does, averaged over the example's answer (its label tokens): an embedding lookup, no
@@ -60,6 +64,15 @@ class GrowthRequest:
 def answer_embeddings(moe, batch: dict, gates: torch.Tensor):
     """(features (U, hidden) fp32, source (U,), top-1 expert (U,)) for every example of a
     micro-batch that has answer tokens; U = rows, or packed segments."""
+    features, source, top1, has_answer = example_embeddings(moe, batch, gates)
+    return features[has_answer], source[has_answer], top1[has_answer]
+
+
+@torch.no_grad()
+def example_embeddings(moe, batch: dict, gates: torch.Tensor):
+    """(features (N, hidden) fp32, source (N,), top-1 expert (N,), has answer (N,) bool)
+    for every row, or every packed segment slot, of a micro-batch: masks instead of a
+    selection, which would read its size back to the host."""
     ids, labels = batch["input_ids"], batch["labels"]
     embeddings = moe.base_model.get_input_embeddings()(ids).float()
     embeddings = F.layer_norm(embeddings, embeddings.shape[-1:])
@@ -81,7 +94,9 @@ def answer_embeddings(moe, batch: dict, gates: torch.Tensor):
         unit_gates = gates.float()
         has_answer = segment_mean(answer.float().unsqueeze(-1), answer, segments, count).squeeze(-1) > 0
         has_answer &= source >= 0
-    return features[has_answer], source[has_answer], unit_gates[has_answer].argmax(dim=-1)
+    hidden = features.shape[-1]
+    return (features.reshape(-1, hidden), source.reshape(-1), unit_gates.argmax(dim=-1).reshape(-1),
+            has_answer.reshape(-1))
 
 
 class NoveltyMonitor:
@@ -94,14 +109,19 @@ class NoveltyMonitor:
             self.state.setdefault(key, {})
         self.last_similarity: dict[str, Optional[float]] = {}
         self._sums = self._counts = None
+        self._warned = False
 
-    def add(self, moe, batch: dict, gates: torch.Tensor) -> None:
-        """One micro-batch's examples, by (source, top-1 expert)."""
-        features, source, top1 = answer_embeddings(moe, batch, gates)
+    def add(self, moe, batch: dict, gates: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """One micro-batch's examples, by (source, top-1 expert), on the device. `keep`: a
+        bool, False for a micro-batch whose loss was not finite (it adds nothing)."""
+        features, source, top1, has_answer = example_embeddings(moe, batch, gates)
+        if keep is not None:
+            has_answer = has_answer & keep
+        weight = has_answer.double()
         sums, counts = self._buffers(moe, features.device)
-        cell = source * moe.config.num_experts + top1
-        sums.view(-1, sums.shape[-1]).index_add_(0, cell, features.double())
-        counts.view(-1).index_add_(0, cell, torch.ones_like(cell, dtype=counts.dtype))
+        cell = source.clamp_min(0) * moe.config.num_experts + top1
+        sums.view(-1, sums.shape[-1]).index_add_(0, cell, features.double() * weight.unsqueeze(1))
+        counts.view(-1).index_add_(0, cell, weight)
 
     def end_step(self, accelerator, moe, trained: torch.Tensor) -> Optional[GrowthRequest]:
         """After an optimizer step (every rank): update the library, return a request to
@@ -132,6 +152,7 @@ class NoveltyMonitor:
         total = sums.sum(dim=0) / counts.sum()
         known = router.centroid_counts > 0
         if not bool(known.any()):  # an empty library: whatever trains first is familiar
+            self._warn_empty(router)
             self._learn(router, sums, counts, trained)
             return None
         immature = ~router.expert_maturity.to(trained.device)
@@ -174,6 +195,14 @@ class NoveltyMonitor:
         merged = merged / new_n.clamp_min(1).unsqueeze(1)
         router.expert_centroids.copy_(torch.where(update.unsqueeze(1), merged, router.expert_centroids.double()))
         router.centroid_counts.copy_(new_n.long())
+
+    def _warn_empty(self, router) -> None:
+        trained_before = int(router.expert_steps.max()) if router.expert_steps.numel() else 0
+        if trained_before and not self._warned:
+            logger.warning("novelty: the experts trained %d steps but their library is empty (they were trained "
+                           "without train.grow_on_novelty, which keeps it): this step's data is taken as familiar, "
+                           "and only data unlike it counts as novel", trained_before)
+        self._warned = True
 
     def _reset(self, label: str) -> None:
         for key in ("streak", "sum", "count"):

@@ -16,12 +16,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
-from ..checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume, share
+from ..checkpoint import CheckpointManager, adopt_run_assets, lineage, read_marker, resolve_resume
 from ..data import build_datasets, load_examples
 from ..model import DyLoRAMoE
 from ..model.inject import find_targets
 from ..model.portable import write_portable
 from ..plan.setup import offloads_optimizer
+from ..ranks import share
 from ..recipe import RunConfig
 from . import build, growth, identity, preflight, router_init, sharding
 from .monitor import MetricsLog, flatten
@@ -64,7 +65,8 @@ class TrainState:
 @dataclass
 class Run:
     """What one training run holds. `cfg` is the recipe as trained: on a resume its moe
-    section is the checkpoint's, and growth updates it (it is the model's own config)."""
+    section is the checkpoint's, as the run started. The model holds its own copy
+    (`moe.config`), which growth changes: whatever must follow growth reads that."""
     cfg: RunConfig
     recipe: RunConfig                 # the recipe as asked, saved beside the run
     run_dir: Path
@@ -93,7 +95,8 @@ class Run:
     checkpoints: Optional[CheckpointManager] = None
 
     def write_portable(self, out_dir) -> None:
-        write_portable(self.moe, self.tokenizer, self.cfg, out_dir)
+        # The recipe saved beside the experts names the mixture as it is now (grown or not).
+        write_portable(self.moe, self.tokenizer, dataclasses.replace(self.cfg, moe=self.moe.config), out_dir)
 
     def whole_experts(self):
         """All ranks: the experts gathered whole while inside (a no-op unless the base is sharded)."""
@@ -105,18 +108,7 @@ def build_run(cfg: RunConfig, lock: RunLock) -> Run:
     prepare them; nothing is restored yet."""
     recipe, t = cfg, cfg.train
     run_dir = Path(t.output_dir)
-    # Everything that can be checked without loading anything, before any data is read.
-    check_output_dir(run_dir, t.resume_from_checkpoint, probe_lock=int(os.environ.get("RANK", "0")) == 0)
-    preflight.check_recipe_environment(cfg)
-    accelerator = make_accelerator(cfg, run_dir)  # creates nothing on disk
-    _configure_logging(accelerator)
-    if sharding.enable_fsdp_on_cpu(accelerator):
-        logger.info("FSDP on CPU: Accelerate's FSDP2 path over gloo")
-    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
-    backend = sharding.kind(accelerator)
-    build.check_optimizer(cfg, deepspeed)
-    preflight.check_deepspeed(accelerator)
-    sharding.check_supported(cfg, backend)
+    accelerator, deepspeed, backend = checked_accelerator(cfg, run_dir)
     examples = load_examples(cfg.data)  # reads and validates every data file: fails before any heavy work
 
     set_seed(t.seed)  # identical initialisation on every rank
@@ -141,7 +133,6 @@ def build_run(cfg: RunConfig, lock: RunLock) -> Run:
     set_seed(t.seed)
     moe = build.build_moe(cfg, base)
     sharding.prepare_model(moe, accelerator, backend)
-    cfg.moe = moe.config  # one object: growth updates the model's config, which the loop and portable copies read
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
     if resume_from is None and cfg.moe.router_init == "kmeans":
         # Before prepare: DeepSpeed's fp32 master copy must start from these rows.
@@ -164,6 +155,23 @@ def build_run(cfg: RunConfig, lock: RunLock) -> Run:
                moe=accelerator.unwrap_model(model), model=model, optimizer=optimizer, raw_optimizer=raw_optimizer,
                schedule=schedule, state=state, train_loader=train_loader, eval_loaders=eval_loaders,
                epoch_steps=epoch_steps, resume_from=resume_from, marker=marker, grow_on_resume=grow_on_resume)
+
+
+def checked_accelerator(cfg: RunConfig, run_dir: Path):
+    """Everything that can be checked without loading anything, before any data is read,
+    and the accelerator (it creates nothing on disk). -> (accelerator, deepspeed, backend)."""
+    check_output_dir(run_dir, cfg.train.resume_from_checkpoint, probe_lock=int(os.environ.get("RANK", "0")) == 0)
+    preflight.check_recipe_environment(cfg)
+    accelerator = make_accelerator(cfg, run_dir)
+    _configure_logging(accelerator)
+    if sharding.enable_fsdp_on_cpu(accelerator):
+        logger.info("FSDP on CPU: Accelerate's FSDP2 path over gloo")
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    backend = sharding.kind(accelerator)
+    build.check_optimizer(cfg, deepspeed)
+    preflight.check_deepspeed(accelerator)
+    sharding.check_supported(cfg, backend)
+    return accelerator, deepspeed, backend
 
 
 def restore_or_grow(run: Run) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import complete_checkpoints
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -35,30 +36,30 @@ def check_output_dir(run_dir: Path, resume: Optional[str], probe_lock: bool = Tr
     run_dir = Path(run_dir)
     where = f"train.output_dir={str(run_dir)!r}"
     if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{where}: is a file; expected a directory (or a path that does not exist yet)")
+        raise UserError(f"{where}: is a file; expected a directory (or a path that does not exist yet)")
     for name in DIRECTORIES:
         if (run_dir / name).exists() and not (run_dir / name).is_dir():
-            raise ValueError(f"{where}: {run_dir / name} is a file; expected a directory (move it away)")
+            raise UserError(f"{where}: {run_dir / name} is a file; expected a directory (move it away)")
     for name in FILES:
         if (run_dir / name).exists() and not (run_dir / name).is_file():
-            raise ValueError(f"{where}: {run_dir / name} is a directory; expected a file (move it away)")
+            raise UserError(f"{where}: {run_dir / name} is a directory; expected a file (move it away)")
     existing = run_dir
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{where}: {existing} is a file, so no directory can be created under it")
+        raise UserError(f"{where}: {existing} is a file, so no directory can be created under it")
     for folder in (existing, run_dir / "checkpoints"):
         if folder.is_dir():
             probe_writable(folder, where)
     holder = lock_holder(run_dir) if probe_lock else None
     if holder:
-        raise ValueError(f"{where}: in use by another training run ({holder}); wait for it to finish or choose "
-                         "another --output_dir")
+        raise UserError(f"{where}: in use by another training run ({holder}); wait for it to finish or choose "
+                        "another --output_dir")
     if resume:
         return
     if complete_checkpoints(run_dir / "checkpoints") or (run_dir / "final").exists():
-        raise ValueError(f"{where} already holds a run (checkpoints or final/); resume it "
-                         "with --resume_from_checkpoint auto, or choose another --output_dir")
+        raise UserError(f"{where} already holds a run (checkpoints or final/); resume it "
+                        "with --resume_from_checkpoint auto, or choose another --output_dir")
 
 
 def probe_writable(folder: Path, where: str) -> None:
@@ -68,7 +69,7 @@ def probe_writable(folder: Path, where: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise ValueError(f"{where}: cannot write in {folder} ({e.strerror}); choose a writable --output_dir") from None
+        raise UserError(f"{where}: cannot write in {folder} ({e.strerror}); choose a writable --output_dir") from None
 
 
 class RunLock:
@@ -90,9 +91,9 @@ class RunLock:
         except BlockingIOError:
             holder = _read(fd)
             os.close(fd)
-            raise ValueError(f"train.output_dir={str(self.path.parent)!r}: in use by another training run "
-                             f"({holder or 'holder unknown'}); wait for it to finish or choose another "
-                             "--output_dir") from None
+            raise UserError(f"train.output_dir={str(self.path.parent)!r}: in use by another training run "
+                            f"({holder or 'holder unknown'}); wait for it to finish or choose another "
+                            "--output_dir") from None
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):

