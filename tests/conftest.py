@@ -13,24 +13,11 @@ import torch
 from dylora_moe import DyLoRAMoE, MoEConfig
 from dylora_moe.model.tiny import random_causal_lm, tiny_config
 
-# The files whose real 1- and 2-process runs take most of the suite's time (measured with
-# --durations), heaviest first. CI runs two workers, one file per worker at a time
-# (`-n 2 --dist loadfile`): handing these out first keeps both cores busy to the end instead
-# of leaving one long file alone on one worker.
-HEAVY_FIRST = ["test_train_resume.py", "test_sharding.py", "test_launch.py", "test_bench.py", "test_real_base.py",
-               "test_dynamic_experts.py", "test_train_loop.py", "test_train_checkpoints.py"]
-
-
 # Under two workers each takes one core: OpenMP threads of two processes sharing 2 cores
 # spin against each other (a 40 s in-process run took 210 s). The subprocess runs already
 # get OMP_NUM_THREADS=1 (trainrun.env).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: file order kept otherwise
 
 
 ARCHS = ["gemma", "llama", "gpt2", "gpt_neox"]

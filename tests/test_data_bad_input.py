@@ -63,7 +63,7 @@ def test_bad_mbpp_rows_are_skipped(tmp_path, caplog):
     rows[3]["code"] = ""                  # empty answer
     path = tmp_path / "mbpp.jsonl"
     path.write_text("\n".join(map(json.dumps, rows)))
-    splits = load_examples(DataConfig(sources=[{"name": "mbpp", "path": str(path)}]))["mbpp"]
+    splits = load_examples(DataConfig(sources=[{"name": "mbpp", "path": str(path)}], mbpp_split="random"))["mbpp"]
     assert sum(len(v) for v in splits.values()) == 7
     assert "'test_list' must be a non-empty list" in caplog.text
 

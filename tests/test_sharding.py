@@ -173,23 +173,24 @@ def old_experts_unchanged(before: dict, after: dict) -> int:
     return checked
 
 
-def test_zero3_growth_freezing_and_novelty(modes, sharded_runs, tmp_path):
+def test_zero3_growth_and_freezing(modes, sharded_runs, tmp_path):
     """4 experts trained on one family (the ZeRO-3 run above); then a resume that adds
-    one (a new phase), freezes the 4 mature ones, and adds a sixth when the other family
-    stays novel: under ZeRO-3 (offload) with every expert partitioned."""
+    one (a new phase) and freezes the 4 mature ones, under ZeRO-3 (offload) with every
+    expert partitioned. (Novelty growth is tested under DDP in test_dynamic_experts: a run
+    resumed from a checkpoint without a novelty library takes its first data as familiar.)"""
     first, second = sharded_runs["zero3"], tmp_path / "second"
     done = run(modes["zero3_offload"], SMALL + BOTH + [
         "--max_steps", "12", "--output_dir", str(second), "--resume_from_checkpoint",
-        str(first / "checkpoints" / "checkpoint-4"), "--num_experts", "5", "--freeze_mature_experts",
-        "--grow_on_novelty", "--novelty_window", "3", "--max_experts", "6"], tmp_path, timeout=300)
+        str(first / "checkpoints" / "checkpoint-4"), "--num_experts", "5", "--freeze_mature_experts"],
+        tmp_path, timeout=300)
     assert done.returncode == 0, explain(done)
     assert "grew 4 -> 5 experts" in done.stderr and "optimizer RESET: DeepSpeed ZeRO" in done.stderr
     growth = [r["growth"] for r in records(second) if "growth" in r]
-    assert [g["event"] for g in growth] == ["resume", "novelty"] and growth[1]["source"] == "demo:strings"
+    assert [g["event"] for g in growth] == ["resume"]
     after = experts(second / "final" / "experts")
-    assert after["router.gate.weight"].shape[0] == 6
+    assert after["router.gate.weight"].shape[0] == 5
     assert old_experts_unchanged(experts(first / "final" / "experts"), after) == 28  # frozen: bitwise
-    assert all(after[k][:, 4 * 8:].abs().sum() > 0 for k in after if k.endswith("lora_B"))  # the new ones learnt
+    assert all(after[k][:, 4 * 8:].abs().sum() > 0 for k in after if k.endswith("lora_B"))  # the new one learnt
     last = [r for r in records(second) if "loss" in r][-1]
     assert last["expert_frozen"][:4] == [True] * 4 and last["expert_grad_norm"][:4] == [0.0] * 4
     assert last["expert_grad_norm"][4] > 0
