@@ -28,6 +28,7 @@ from .errors import UserError
 from .fieldtypes import BARE, check_fields
 from .fieldtypes import coerce as coerce_value
 from .model import MoEConfig
+from .model.config import convert_removed
 from .model.tiny import ARCHITECTURES, TINY_PREFIX, tiny_config
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's seeding (accelerate.set_seed) accepts
@@ -249,6 +250,7 @@ def load_recipe(path: Optional[str], overrides: list[str] = (), require_base: bo
             raise UserError(f"{where}: section {name!r} must be a mapping of field: value, got "
                             f"{type(values).__name__} {values!r}"[:300])
         sections[name] = dict(values or {})
+    sections["moe"] = convert_removed(sections["moe"], where)
     for name, values in sections.items():
         known = {f.name for f in dataclasses.fields(SECTIONS[name])}
         bad = sorted(map(str, set(values) - known))

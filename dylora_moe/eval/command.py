@@ -299,7 +299,7 @@ def _main(argv) -> int:
     if not args.no_loss and recipe is not None:
         summary["loss"] = source_losses(loaded, recipe)
         for name, r in summary["loss"].items():
-            print(f"{name}: loss {r['loss']:.4f} perplexity {r['perplexity']:.2f} (training's gates {r['dense_loss']:.4f})")
+            print(f"{name}: loss {r['loss']:.4f} perplexity {r['perplexity']:.2f}")
         validation = {k.rsplit("/", 1)[0]: v for k, v in summary["loss"].items() if k.endswith("/validation")}
         summary["warnings"] = routing_warnings(validation)
     summary["warnings"] = summary.get("warnings", []) + contamination_warnings(recipe, names)

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 
 from ..data.formatting import alpaca_prompt
 from ..errors import UserError, guarded
-from ..model.router import per_example_gates
+from ..model.pooling import per_example_gates
 from .loading import load_run
 from .variants import Variant, gate_context, resolve
 

@@ -94,11 +94,10 @@ def _markdown(run_dir, train, evals) -> str:
     if evals:
         final = evals[-1]
         lines += [f"## Evaluation at step {final['step']}", "",
-                  "| source | loss (routed) | loss (training's gates) | perplexity | expert usage |", "|---|---|---|---|---|"]
+                  "| source | loss | perplexity | expert usage |", "|---|---|---|---|"]
         for source, v in final["eval"].items():
             usage = " ".join(f"{g:.2f}" for g in v["gate_mean"])
-            lines.append(f"| {source} | {v['loss']:.4f} | {v.get('dense_loss', float('nan')):.4f} | "
-                         f"{v['perplexity']:.2f} | {usage} |")
+            lines.append(f"| {source} | {v['loss']:.4f} | {v['perplexity']:.2f} | {usage} |")
         lines += ["", "![usage](usage_by_source.png)", ""]
         lines += [f"**Warning:** {w}" for w in routing_warnings(final["eval"])] + [""]
     lines += ["## Routing over time", "",

@@ -1,12 +1,14 @@
 """MoEConfig: every knob of the mixture, validated at construction.
 
 A plain dataclass so recipes (YAML/JSON) map onto it field by field and a bad value
-fails here, with the field's name, before any model is touched.
+fails here, with the field's name, before any model is touched. Recipes and saved
+models that name a removed option are converted once, on load (`convert_removed`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +16,12 @@ from typing import Optional, Sequence
 
 from ..errors import UserError
 
+logger = logging.getLogger(__name__)
+
 ROUTER_INPUTS = ("base_hidden", "embeddings", "layer")
 ROUTINGS = ("sequence", "token")
-MIXTURES = ("deltas", "logits")
-BALANCE_LOSSES = ("mse", "switch")
-GATINGS = ("dense", "top_k", "straight_through", "dense_train_top_k_eval")
+GATINGS = ("dense", "top_k", "straight_through")
 ROUTER_INITS = ("normal", "kmeans")
-# A saved moe_config.json without `gating` was written before inference could route as
-# training does: it trained dense and inferred top-k.
-SAVED_WITHOUT_GATING = "dense_train_top_k_eval"
 
 # Attention projections found across common HF causal LMs (Llama/Gemma/Mistral/Phi:
 # q/k/v/o_proj; GPT-NeoX/Falcon/Bloom: query_key_value; GPT-2: c_attn, a Conv1D;
@@ -41,34 +40,24 @@ class MoEConfig:
     temperature: float = 1.0
     router_input: str = "base_hidden"
     routing: str = "sequence"
-    mixture: str = "deltas"
+    # Weight of the Switch Transformer balance loss E * sum(f * P) (f = share of units
+    # whose top expert is e, P = mean gate) in the optimised loss.
     balance_coefficient: float = 0.1
-    # "switch": E * sum(f * P), f = share of units whose top expert is e, P = mean gate
-    # (Switch Transformer); "mse": MSE(mean gate, 1/E), which let experts die (bench_quality).
-    balance_loss: str = "switch"
     # Chunked LM loss in training (logits never whole): tokens per chunk; None = on when
     # the vocabulary has >= 32k tokens, sized by it (loss.auto_chunk_tokens: 1048 tokens at
     # 256k), 0 = off (plain loss over full logits).
     loss_chunk_tokens: Optional[int] = None
-    # Maturity of the initial experts. Experts added by growth start immature, and any
-    # immature expert keeps eval routing dense.
-    experts_mature: bool = True
-    # Optimizer steps of its own after which an immature expert (one added by growth, or
-    # any with experts_mature: false) matures; an added expert's admission ramps 0 -> 1
-    # over the same steps (router.advance).
+    # Optimizer steps of its own after which an expert added by growth matures; its
+    # admission ramps 0 -> 1 over the same steps (model/admission.py).
     maturity_steps: int = 100
     # How the router's probabilities p = softmax(logits / temperature) weigh the experts
-    # (router.gate_weights). Every mode but the last routes inference exactly as it trains:
+    # (model/gating.py). Every mode routes inference exactly as it trains:
     # "dense": all experts, weights p. The stacked layer computes every expert whatever the
     #     gates are, so dense inference costs what top-1 costs.
-    # "top_k": the top_k experts; at top_k=1 weight p_i, not renormalised, so the router
-    #     learns through it (Switch Transformer); at top_k>=2 p renormalised over the kept
-    #     (Mixtral).
+    # "top_k": the top_k experts, each at its own p, not renormalised, so the router
+    #     learns through them (Switch Transformer), for every top_k.
     # "straight_through": the top_k experts at weight 1/top_k each; the backward pass takes
     #     the gradient of p (straight-through estimator).
-    # "dense_train_top_k_eval": dense in training, top_k renormalised in inference: what
-    #     models saved without this field were trained with (kept for them and for the
-    #     benchmark; its inference is not the function that trained).
     gating: str = "dense"
     # Training only, top_k / straight_through: Gumbel noise of this scale on the logits
     # before choosing the top_k (1.0 samples the choice from p), so experts the router
@@ -99,8 +88,6 @@ class MoEConfig:
         need(_is_int(self.maturity_steps) and self.maturity_steps >= 1, "maturity_steps", "an integer >= 1")
         need(self.router_input in ROUTER_INPUTS, "router_input", f"one of {ROUTER_INPUTS}")
         need(self.routing in ROUTINGS, "routing", f"one of {ROUTINGS}")
-        need(self.mixture in MIXTURES, "mixture", f"one of {MIXTURES}")
-        need(self.balance_loss in BALANCE_LOSSES, "balance_loss", f"one of {BALANCE_LOSSES}")
         need(self.gating in GATINGS, "gating", f"one of {GATINGS}")
         need(_is_num(self.router_noise) and math.isfinite(self.router_noise) and self.router_noise >= 0,
              "router_noise", "a finite number >= 0")
@@ -109,8 +96,6 @@ class MoEConfig:
         need(self.router_init in ROUTER_INITS, "router_init", f"one of {ROUTER_INITS}")
         need(self.router_input != "layer" or self.routing == "token", "routing",
              "'token' with router_input='layer' (each layer routes its own input tokens)")
-        need(self.router_input != "layer" or self.mixture == "deltas", "mixture",
-             "'deltas' with router_input='layer' (a pass per expert has no single gates to weigh)")
         need(self.router_input != "layer" or self.router_init == "normal", "router_init",
              "'normal' with router_input='layer' (k-means points one router's rows at clusters)")
         need(_is_num(self.router_init_scale) and math.isfinite(self.router_init_scale) and self.router_init_scale > 0,
@@ -133,6 +118,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "MoEConfig") -> "MoEConfig":
+        data = convert_removed(data, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -150,8 +136,47 @@ class MoEConfig:
             raise UserError(f"{path}: expected a JSON MoEConfig ({e})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        data.setdefault("gating", SAVED_WITHOUT_GATING)
+        if "gating" not in data:  # saved before the field: trained dense (and inferred top-k)
+            data = {**data, "gating": "dense_train_top_k_eval"}
         return cls.from_dict(data, source=str(path))
+
+
+# Options that were removed, each with what an old recipe or saved model that names it
+# gets instead: field -> {old value: new value}, None meaning the field is dropped.
+REMOVED = {
+    # Dense in training, top-k in inference: inference was not the function that trained
+    # (it lost to one LoRA by 5x, docs/benchmarks.md); such a model now infers as it trained.
+    "gating": {"dense_train_top_k_eval": "dense"},
+    # MSE(mean gate, 1/E) let experts die; the Switch loss is the only one left.
+    "balance_loss": {"mse": None, "switch": None},
+    # A base pass per expert, logits mixed: the reference the tests keep (tests/reference.py).
+    "mixture": {"logits": None, "deltas": None},
+    # The initial experts' maturity, which only steered the removed gating.
+    "experts_mature": {True: None, False: None},
+}
+
+
+def convert_removed(data: dict, source: str = "MoEConfig") -> dict:
+    """A MoEConfig mapping with every removed option converted (REMOVED), and one
+    warning line saying what became what. A value of a removed field that no version
+    accepted is left for validation to reject."""
+    data, changes = dict(data), []
+    for name, values in REMOVED.items():
+        if name not in data or not _hashable(data[name]) or data[name] not in values:
+            continue
+        new = values[data[name]]
+        if new is None:
+            changes.append(f"{name}={data.pop(name)!r} dropped")
+        else:
+            changes.append(f"{name}={data[name]!r} -> {new!r}")
+            data[name] = new
+    if changes:
+        logger.warning("%s: converted removed MoEConfig options: %s (docs/recipe.md)", source, "; ".join(changes))
+    return data
+
+
+def _hashable(x) -> bool:
+    return isinstance(x, (str, bool, int, float))
 
 
 def _is_int(x) -> bool:

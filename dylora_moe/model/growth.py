@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .router import PER_EXPERT_BUFFERS
+from .admission import PER_EXPERT_BUFFERS
 
 
 @dataclass(frozen=True)

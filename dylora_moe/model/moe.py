@@ -6,37 +6,33 @@
 
 One forward = (optionally) a no-grad routing pass with the experts off, the router, and
 ONE base forward in which every stacked layer applies all experts at once (docs/design.md).
+What the router routes on is model/routing.py; generation model/generation.py; saving
+and loading model/persistence.py; growth model/growth.py and model/admission.py.
 """
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import OrderedDict
-import functools
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers.utils import ModelOutput
 
-from . import growth
+from . import admission, blocks, generation, growth, persistence, routing
+from .balance import balance_loss
 from .config import MoEConfig
 from .inject import inject_experts
 from .layer import GateSlot
-from .loss import IGNORE_INDEX, auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
+from .loss import auto_chunk_tokens, causal_lm_loss, chunked_causal_lm_loss, compiled_chunk_loss
+from .packing import expand_segments, segment_validity
 from .peft_io import export_expert, export_mixture
 from .quantized import keep_trainable_through
-from .router import (OPTIONAL_BUFFERS, PER_EXPERT_BUFFERS, DynamicHybridRouter, balance_loss, expand_segments, masked_mean,
-                     packed_prefixes, segment_mean, segment_validity)
-
-CONFIG_FILE = "moe_config.json"
-WEIGHTS_FILE = "experts.safetensors"
+from .router import LinearRouter
 
 
 @dataclass
@@ -62,39 +58,37 @@ class DyLoRAMoE(nn.Module):
         # them again would list every expert parameter twice.
         self.experts = inject_experts(base_model, self.config, self._slot)
         hidden = base_model.config.get_text_config().hidden_size
-        self.router = DynamicHybridRouter(hidden, self.config.num_experts, self.config.top_k,
-                                          self.config.temperature, mature=self.config.experts_mature,
-                                          gating=self.config.gating, noise=self.config.router_noise)
+        self.router = LinearRouter(hidden, self.config.num_experts, self.config.top_k, self.config.temperature,
+                                   gating=self.config.gating, noise=self.config.router_noise)
         self.router.to(next(iter(self.experts.values())).lora_A.device)
         self._slot.router = self.router.forward  # the layers' own routers (router_input="layer") use its gating
         if self.config.router_input == "layer":
             self.router.gate.weight.requires_grad_(False)  # unused: each layer holds its own rows
         self._lora_r = self.config.lora_r
         self._gate_override: Optional[torch.Tensor] = None
-        self._routing_cache = None
         self._last_routed: Optional[torch.Tensor] = None
         self._chunk_loss_fn = None  # the chunked loss's per-chunk softmax; compiled by compile_base()
 
-    # ------------------------------------------------------------------ parameters
+    # ------------------------------------------------------------------ parameters and state
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The mixture's own state only: stacked experts, router, maturity. The frozen
+        """The mixture's own state only: stacked experts, router, its buffers. The frozen
         base is not ours and never saved, so accelerator.save_state, DeepSpeed (whose
         exclude_frozen_parameters misses tied weights like lm_head) and DDP all write
         checkpoints of the experts alone."""
         full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
         out = destination if destination is not None else OrderedDict()
         for key, value in full.items():
-            if is_expert_key(key[len(prefix):]):
+            if persistence.is_expert_key(key[len(prefix):]):
                 out[key] = value
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads the mixture's state; `strict` checks exactly those keys (the base is left as is)."""
         own = set(self.state_dict())
-        missing = sorted(k for k in own - set(state_dict) if not is_optional_key(k))
+        missing = sorted(k for k in own - set(state_dict) if not persistence.is_optional_key(k))
         unexpected = sorted(set(state_dict) - own)
         if strict and (missing or unexpected):
             raise RuntimeError(f"DyLoRAMoE.load_state_dict: missing {missing[:3]} ({len(missing)}), "
@@ -103,18 +97,23 @@ class DyLoRAMoE(nn.Module):
         return _IncompatibleKeys(missing, unexpected)
 
     def expert_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that is not the base: stacked A/B per target layer, router, maturity."""
-        state = {}
-        for name, layer in self.experts.items():
-            state[f"{name}.lora_A"] = layer.lora_A
-            state[f"{name}.lora_B"] = layer.lora_B
-            if layer.lora_router is not None:
-                state[f"{name}.lora_router"] = layer.lora_router
-        state["router.gate.weight"] = self.router.gate.weight
-        state["router.feature_center"] = self.router.feature_center
-        for name in PER_EXPERT_BUFFERS:  # maturity, steps, admission, novelty library
-            state[f"router.{name}"] = getattr(self.router, name)
-        return state
+        return persistence.expert_state_dict(self)
+
+    def load_expert_state(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
+        persistence.load_expert_state(self, tensors, source)
+
+    def save_pretrained(self, save_directory) -> Path:
+        """Experts, router and config; never the base model (it is not ours to copy)."""
+        return persistence.save_pretrained(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, load_directory) -> "DyLoRAMoE":
+        src = Path(load_directory)
+        persistence.check_folder(src)
+        moe = cls(base_model, MoEConfig.load(src / persistence.CONFIG_FILE))
+        weights = src / persistence.WEIGHTS_FILE
+        moe.load_expert_state(load_file(str(weights)), source=str(weights))
+        return moe
 
     # ------------------------------------------------------------------ dynamic experts
     def add_expert(self, init: str = "zeros", note: Optional[dict] = None) -> int:
@@ -132,21 +131,21 @@ class DyLoRAMoE(nn.Module):
         self._record("prune", index, **(note or {}))
 
     def mark_mature(self, index: int) -> None:
-        """Mature now (fully admitted): eval routing goes sparse once every expert is."""
-        self.router.mark_mature(index)
+        """Mature and fully admitted now (model/admission.py)."""
+        admission.mark_mature(self.router, index)
 
     def advance_maturity(self, trained=None) -> list[int]:
         """Count one optimizer step for the experts that trained (bool per expert; default
-        all); returns those that matured with it (router.advance)."""
+        all); returns those that matured with it (model/admission.py)."""
         count = self.config.num_experts
         trained = torch.ones(count, dtype=torch.bool) if trained is None else torch.as_tensor(trained).bool()
-        return self.router.advance(trained, self.config.maturity_steps)
+        return admission.advance(self.router, trained, self.config.maturity_steps)
 
     def _record(self, event: str, index: int, **fields) -> None:
         history = self.config.extra.setdefault("expert_history", [])
         history.append({"event": event, "expert": index, "num_experts": self.config.num_experts, **fields})
 
-    # ------------------------------------------------------------------ routing
+    # ------------------------------------------------------------------ gates
     @contextlib.contextmanager
     def experts_disabled(self):
         """Run the plain base model (used for the routing pass and `--base` generation)."""
@@ -173,32 +172,12 @@ class DyLoRAMoE(nn.Module):
         move 1/E as fast as a LoRA at the same learning rate (with Adam, a scale is a
         learning rate), and recipes would need E times the rate. An expert just added
         (admission 0) does not count, so growth leaves the outputs as they were."""
-        admission = self.router.expert_admission
-        return self.config.scaling * admission.float().sum()
+        return self.config.scaling * self.router.expert_admission.float().sum()
 
     def experts_dtype(self, device_type: str) -> torch.dtype:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         return next(iter(self.experts.values())).lora_A.dtype
-
-    def routing_mask(self, attention_mask: torch.Tensor, labels=None, prompt_mask=None) -> torch.Tensor:
-        """Which tokens the router looks at.
-
-        Sequence routing pools over the prompt only, so training routes on exactly what
-        generation sees. The prompt is `prompt_mask` when given, else the attended tokens
-        without a label; a row with neither falls back to all its attended tokens.
-        Token routing routes every attended token.
-        """
-        attended = attention_mask.bool()
-        if self.config.routing == "token":
-            return attended
-        if prompt_mask is not None:
-            return prompt_mask.bool() & attended
-        if labels is None:
-            return attended
-        prompt = attended & (labels == IGNORE_INDEX)
-        empty = ~prompt.any(dim=1, keepdim=True)
-        return torch.where(empty, attended, prompt)
 
     @contextlib.contextmanager
     def override_gates(self, weights):
@@ -219,13 +198,12 @@ class DyLoRAMoE(nn.Module):
         """Gates for this batch, fp32: (B, 1, E) per sequence, (B, S, E) per packed
         segment, (B, T, E) per token. `cache`: the routing pass's own KV cache, during
         token-routed generation."""
-        if self.config.routing == "sequence":
-            units = 1 if segment_ids is None else int(segment_ids.max()) + 1
-        else:
-            units = input_ids.shape[1]
+        units = routing.unit_count(self.config.routing, input_ids, segment_ids)
         if self._gate_override is not None:
             return self._gate_override.to(input_ids.device).expand(input_ids.shape[0], units, -1)
-        gates = self.router(self.unit_features(input_ids, attention_mask, unit_mask, position_ids, cache, segment_ids))
+        features = routing.unit_features(self, input_ids, attention_mask, unit_mask, units, position_ids, cache,
+                                         segment_ids)
+        gates = self.router(features)
         self._last_routed = gates.detach()
         return gates
 
@@ -235,122 +213,6 @@ class DyLoRAMoE(nn.Module):
         if self._slot.in_layers and self._slot.recorded:
             return torch.stack([g.detach() for g in self._slot.recorded]).mean(dim=0)
         return self._last_routed
-
-    def unit_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None,
-                      segment_ids=None) -> torch.Tensor:
-        """What the router sees: (B, 1, H) pooled per sequence, (B, S, H) per packed
-        segment, (B, T, H) per token."""
-        if self.config.routing == "sequence" and segment_ids is not None:
-            units = int(segment_ids.max()) + 1
-            return self.packed_routing_features(input_ids, unit_mask, position_ids, segment_ids, units)
-        features = self.routing_features(input_ids, attention_mask, unit_mask, position_ids, cache,
-                                         truncate=segment_ids is None)
-        if self.config.routing == "sequence":
-            return masked_mean(features, unit_mask[:, : features.shape[1]])
-        return features
-
-    @torch.no_grad()
-    def training_unit_features(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """The routing features of every routed unit of an unpacked training batch, (N, H):
-        one row per sequence, or per attended token with token routing (router_init)."""
-        units = self.routing_mask(attention_mask, labels)
-        features = self.unit_features(input_ids, attention_mask, units)
-        if self.config.routing == "sequence":
-            return features.squeeze(1)
-        return features[units[:, : features.shape[1]]]
-
-    def packed_routing_features(self, input_ids, unit_mask, position_ids, segment_ids, units):
-        """Pooled features (B, S, H) of each packed segment. The base_hidden pass runs on
-        the segments' prompts only (packed_prefixes), not on the whole rows."""
-        if self.config.router_input == "base_hidden":
-            order, valid, position_ids = packed_prefixes(unit_mask, segment_ids, position_ids)
-            input_ids = input_ids.gather(1, order)
-            unit_mask = unit_mask.gather(1, order) & valid
-            segment_ids = torch.where(valid, segment_ids.gather(1, order), -1)
-        features = self.routing_features(input_ids, None, unit_mask, position_ids, truncate=False)
-        return segment_mean(features, unit_mask, segment_ids, units)
-
-    def routing_features(self, input_ids, attention_mask, unit_mask, position_ids=None, cache=None, truncate=True):
-        if self.config.router_input == "embeddings":
-            return self.base_model.get_input_embeddings()(input_ids)
-        if self.config.routing == "sequence" and cache is None and truncate:
-            # A causal model's hidden state at a prompt token depends only on the tokens
-            # before it, so the routing pass can stop at the last prompt token.
-            last = int(unit_mask.any(dim=0).nonzero().max()) + 1 if unit_mask.any() else 1
-            input_ids = input_ids[:, :last]
-            attention_mask = attention_mask[:, :last] if attention_mask is not None else None
-            position_ids = position_ids[:, :last] if position_ids is not None else None
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "use_cache": cache is not None}
-        if cache is not None:
-            kwargs[self._cache_kwarg] = cache
-        with torch.no_grad(), self.experts_disabled():
-            return self.decoder(**kwargs).last_hidden_state
-
-    @property
-    def decoder(self) -> nn.Module:
-        """The base model without its LM head (no 256k-vocab logits for the routing pass)."""
-        return getattr(self.base_model, self.base_model.base_model_prefix)
-
-    @functools.cached_property
-    def _cache_kwarg(self) -> str:
-        # transformers renamed `past_key_values` to `cache` (5.2x); accept both releases.
-        return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
-                num_items_in_batch: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
-                source_id: Optional[torch.Tensor] = None, **base_kwargs) -> MoEOutput:
-        """`num_items_in_batch`: label tokens over the whole accumulation window, so the
-        loss is normalised by valid tokens, not averaged per micro-batch.
-        `segment_ids` (B, T; -1 on padding): packed rows, several examples per row, with
-        `position_ids` restarting at each; each example is routed on its own prompt and
-        attends only to itself. `source_id` is for analytics and not used here."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        packed = segment_ids is not None
-        if packed and base_kwargs.get("position_ids") is None:
-            raise ValueError("segment_ids (packed rows) need position_ids restarting at every example")
-        # Packed rows: no 2D mask, so transformers builds a block-diagonal causal mask
-        # from the restarting position_ids (no attention across packed examples).
-        base_mask = None if packed else attention_mask
-        # No KV cache in a training/scoring forward: it only costs memory, and transformers
-        # ignores packing (restarting position_ids) when a cache is present.
-        base_kwargs.setdefault("use_cache", False)
-        units = self.routing_mask(attention_mask, labels, prompt_mask)
-        if self.routes_in_layers:
-            self.route_in_layers()  # each layer routes its own input tokens during the pass
-        else:
-            gates = self.route(input_ids, base_mask, units, base_kwargs.get("position_ids"), segment_ids=segment_ids)
-            token_gates, balance_mask = gates, units
-            if packed and self.config.routing == "sequence":
-                token_gates = expand_segments(gates, segment_ids)
-                balance_mask = segment_validity(segment_ids, gates.shape[1])
-            self.set_gates(token_gates)
-        out = MoEOutput()
-        chunk = self.loss_chunk_tokens() if labels is not None and self.training else 0
-        if chunk:
-            # Training: the loss straight from the hidden states, logits never whole.
-            hidden = self.decoder(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).last_hidden_state
-            out.lm_loss, out.num_label_tokens = chunked_causal_lm_loss(
-                hidden, self.base_model.get_output_embeddings().weight, labels, num_items_in_batch, chunk,
-                getattr(self.base_model.config.get_text_config(), "final_logit_softcapping", None),
-                chunk_fn=self._chunk_loss_fn)
-        elif self.config.mixture == "deltas":
-            out.logits = self.base_model(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).logits
-        else:
-            out.logits = self._mixed_logits(input_ids, base_mask, token_gates, base_kwargs)
-        if labels is not None and out.lm_loss is None:
-            out.lm_loss, out.num_label_tokens = causal_lm_loss(out.logits, labels, num_items_in_batch)
-        if self.routes_in_layers:
-            gates, balance = self.layer_routing_result(units)
-        else:
-            balance = balance_loss(gates, balance_mask, self.config.balance_loss)
-        out.balance_loss, out.routing_weights = balance, gates
-        if labels is not None:
-            out.loss = out.lm_loss + self.config.balance_coefficient * balance
-        return out
 
     @property
     def routes_in_layers(self) -> bool:
@@ -377,20 +239,78 @@ class DyLoRAMoE(nn.Module):
         if routed is not None and bool(routed.any()) and self.config.router_input == "layer":
             self.route_in_layers(routed)
 
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
+                num_items_in_batch: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
+                source_id: Optional[torch.Tensor] = None, **base_kwargs) -> MoEOutput:
+        """`num_items_in_batch`: label tokens over the whole accumulation window, so the
+        loss is normalised by valid tokens, not averaged per micro-batch.
+        `segment_ids` (B, T; -1 on padding): packed rows, several examples per row, with
+        `position_ids` restarting at each; each example is routed on its own prompt and
+        attends only to itself. `source_id` is for analytics and not used here."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        packed = segment_ids is not None
+        if packed and base_kwargs.get("position_ids") is None:
+            raise ValueError("segment_ids (packed rows) need position_ids restarting at every example")
+        # Packed rows: no 2D mask, so transformers builds a block-diagonal causal mask
+        # from the restarting position_ids (no attention across packed examples).
+        base_mask = None if packed else attention_mask
+        # No KV cache in a training/scoring forward: it only costs memory, and transformers
+        # ignores packing (restarting position_ids) when a cache is present.
+        base_kwargs.setdefault("use_cache", False)
+        units = routing.routing_mask(self.config.routing, attention_mask, labels, prompt_mask)
+        if self.routes_in_layers:
+            self.route_in_layers()  # each layer routes its own input tokens during the pass
+        else:
+            gates = self.route(input_ids, base_mask, units, base_kwargs.get("position_ids"), segment_ids=segment_ids)
+            token_gates, balance_mask = gates, units
+            if packed and self.config.routing == "sequence":
+                token_gates = expand_segments(gates, segment_ids)
+                balance_mask = segment_validity(segment_ids, gates.shape[1])
+            self.set_gates(token_gates)
+        out = self._lm_forward(input_ids, base_mask, labels, num_items_in_batch, base_kwargs)
+        if self.routes_in_layers:
+            gates, balance = self.layer_routing_result(units)
+        else:
+            balance = balance_loss(gates, balance_mask)
+        out.balance_loss, out.routing_weights = balance, gates
+        if labels is not None:
+            out.loss = out.lm_loss + self.config.balance_coefficient * balance
+        return out
+
+    def _lm_forward(self, input_ids, base_mask, labels, num_items_in_batch, base_kwargs) -> MoEOutput:
+        """The one base pass with the gates set: logits, or in training the LM loss straight
+        from the hidden states (the chunked loss, logits never whole)."""
+        out = MoEOutput()
+        chunk = self.loss_chunk_tokens() if labels is not None and self.training else 0
+        if chunk:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).last_hidden_state
+            out.lm_loss, out.num_label_tokens = chunked_causal_lm_loss(
+                hidden, self.base_model.get_output_embeddings().weight, labels, num_items_in_batch, chunk,
+                getattr(self.base_model.config.get_text_config(), "final_logit_softcapping", None),
+                chunk_fn=self._chunk_loss_fn)
+            return out
+        out.logits = self.base_model(input_ids=input_ids, attention_mask=base_mask, **base_kwargs).logits
+        if labels is not None:
+            out.lm_loss, out.num_label_tokens = causal_lm_loss(out.logits, labels, num_items_in_batch)
+        return out
+
     def layer_routing_result(self, units: torch.Tensor):
         """(the layers' mean gates (B, T, E), the mean of their balance losses) after a
         forward that routed in the layers."""
         recorded = self._slot.recorded
         if not recorded:
             raise RuntimeError("router_input='layer': no layer routed in this forward (no target layer ran)")
-        balance = torch.stack([balance_loss(g, units, self.config.balance_loss) for g in recorded]).mean()
+        balance = torch.stack([balance_loss(g, units) for g in recorded]).mean()
         return torch.stack([g.detach() for g in recorded]).mean(dim=0), balance
 
     def loss_chunk_tokens(self) -> int:
         """Tokens per loss chunk, or 0 for the plain loss. The chunked path computes
         hidden @ head.T itself, so it is used only where that is all the LM head does."""
         setting = self.config.loss_chunk_tokens
-        if setting == 0 or self.config.mixture != "deltas":
+        if setting == 0:
             return 0
         head = self.base_model.get_output_embeddings()
         text = self.base_model.config.get_text_config()
@@ -402,105 +322,16 @@ class DyLoRAMoE(nn.Module):
             return auto_chunk_tokens(head.out_features)
         return setting
 
-    def _mixed_logits(self, input_ids, attention_mask, gates, base_kwargs):
-        """The reference algorithm: one full pass per expert with
-        one-hot gates, logits weighted by the router."""
-        if self.training and _checkpointing(self.base_model):
-            raise ValueError("MoEConfig.mixture='logits' cannot be combined with gradient checkpointing "
-                             "(each recomputed pass would see the last expert's gates); use 'deltas'")
-        num_experts = self.config.num_experts
-        mixed = None
-        for e in range(num_experts):
-            one_hot = F.one_hot(torch.tensor([e], device=gates.device), num_experts).float().view(1, 1, -1)
-            self.set_gates(one_hot)
-            logits_e = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs).logits
-            term = gates[..., e : e + 1] * logits_e.float()
-            mixed = term if mixed is None else mixed + term
-        return mixed
+    @property
+    def decoder(self) -> nn.Module:
+        """The base model without its LM head (no 256k-vocab logits for the routing pass)."""
+        return getattr(self.base_model, self.base_model.base_model_prefix)
 
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
+    # ------------------------------------------------------------------ using the model
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **gen_kwargs):
-        """HF `generate` on the base model with the KV cache; the router runs on the prompt
-        (sequence routing: gates then stay fixed) or on each new token (token routing),
-        always in eval mode: the inference side of MoEConfig.gating."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        was_training = self.training
-        self.eval()
-        hook = self.base_model.register_forward_pre_hook(self._route_for_generation, with_kwargs=True)
-        try:
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-        finally:
-            hook.remove()
-            self._routing_cache = None
-            self.train(was_training)
-
-    def _route_for_generation(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        attention_mask = kwargs.get("attention_mask")  # full length (past + new) or None
-        position_ids = kwargs.get("position_ids")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill = cache is None or cache.get_seq_length() == 0
-        new = input_ids.shape[1]
-        new_mask = attention_mask[:, -new:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        if self.routes_in_layers:  # the layers route each new token themselves
-            self.route_in_layers()
-            return None
-        if self.config.routing == "sequence":
-            if prefill:  # the whole prompt; every later step keeps these gates
-                self.set_gates(self.route(input_ids, attention_mask, new_mask, position_ids))
-            return None
-        # Token routing: route just the new tokens. The no-grad base_hidden pass keeps a KV
-        # cache of its own (experts off), so it costs one token per step too.
-        if prefill:
-            from transformers import DynamicCache
-
-            self._routing_cache = DynamicCache() if self.config.router_input == "base_hidden" else None
-        self.set_gates(self.route(input_ids, attention_mask, new_mask, position_ids, cache=self._routing_cache))
-        return None
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, save_directory) -> Path:
-        """Experts, router and config; never the base model (it is not ours to copy)."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        config = MoEConfig.from_dict(self.config.to_dict())
-        config.target_modules = list(self.experts)  # exact layer names, so loading rebuilds the same
-        config.extra = {**config.extra, "base_model_name_or_path": self._base_name()}
-        if gguf_file_of(self.base_model):
-            config.extra["base_gguf_file"] = gguf_file_of(self.base_model)
-        config.save(out / CONFIG_FILE)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.expert_state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        return out
-
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, load_directory) -> "DyLoRAMoE":
-        src = Path(load_directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (src / name).is_file():
-                raise FileNotFoundError(f"{src / name}: missing; expected a directory written by "
-                                        "DyLoRAMoE.save_pretrained")
-        moe = cls(base_model, MoEConfig.load(src / CONFIG_FILE))
-        moe.load_expert_state(load_file(str(src / WEIGHTS_FILE)), source=str(src / WEIGHTS_FILE))
-        return moe
-
-    def load_expert_state(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
-        own = self.expert_state_dict()
-        missing = sorted(k for k in set(own) - set(tensors) if not is_optional_key(k))
-        unexpected = sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{source}: keys do not match this model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-        with torch.no_grad():
-            for key, target in own.items():
-                if key not in tensors:  # optional state (maturity, admission) a folder may lack: keep the defaults
-                    continue
-                if tensors[key].shape != target.shape:
-                    raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
-                                     f"expected {tuple(target.shape)}")
-                target.copy_(tensors[key])
+        """HF `generate` on the base model with the KV cache, routed as inference routes
+        (model/generation.py)."""
+        return generation.generate(self, input_ids, attention_mask, **gen_kwargs)
 
     def export_expert(self, index: int, save_directory) -> Path:
         """Expert `index` as a standard PEFT LoRA adapter (PeftModel.from_pretrained loads it)."""
@@ -517,10 +348,7 @@ class DyLoRAMoE(nn.Module):
 
     def _base_reference(self) -> tuple:
         """(name or path, GGUF file or None): which base an exported adapter needs."""
-        return self._base_name(), gguf_file_of(self.base_model)
-
-    def _base_name(self) -> Optional[str]:
-        return getattr(self.base_model.config, "_name_or_path", None) or None
+        return persistence.base_name(self.base_model), persistence.gguf_file_of(self.base_model)
 
     def unload(self) -> nn.Module:
         """Take the experts out again and return the untouched base model."""
@@ -532,11 +360,7 @@ class DyLoRAMoE(nn.Module):
         return self.base_model
 
     def compile_base(self, compile_loss: Optional[bool] = None, **compile_kwargs) -> int:
-        """torch.compile each decoder block of the base (experts included: they live
-        inside the blocks), in place. Per block rather than the whole model: the blocks
-        are identical, so one compiled graph serves them all (the no-grad routing pass
-        gets its own), and the embeddings and the LM head stay eager. Shapes vary batch
-        to batch, and the routing pass is shorter than the rows, hence dynamic=True.
+        """torch.compile each decoder block of the base in place (model/blocks.py).
 
         `compile_loss` also compiles the chunked loss's per-chunk softmax (model/loss.py).
         Default: only on a GPU. On CPU the compiled softmax measured 18% slower than the
@@ -544,60 +368,11 @@ class DyLoRAMoE(nn.Module):
         on a GPU, where inductor fuses it into two bandwidth-bound kernels, it is expected
         to win, and bench/gpu_session.sh measures it. Returns the number of blocks compiled."""
         compile_kwargs.setdefault("dynamic", True)
-        blocks = decoder_blocks(self.base_model)
-        for block in blocks:
-            block.compile(**compile_kwargs)
+        count = blocks.compile_blocks(self.base_model, **compile_kwargs)
         if compile_loss is None:
             compile_loss = next(iter(self.experts.values())).lora_A.is_cuda
         self._chunk_loss_fn = compiled_chunk_loss(**compile_kwargs) if compile_loss else None
-        return len(blocks)
+        return count
 
     def gradient_checkpointing_enable(self) -> None:
-        """Checkpoint the base's layers. Non-reentrant on purpose: the reentrant variant
-        runs the forward under no_grad, cutting the gradient to experts and router."""
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def gguf_file_of(model: nn.Module) -> Optional[str]:
-    """The GGUF file a base was loaded from (transformers records it in the config's
-    quantization_config), or None: adapters and saved mixtures name it beside the folder."""
-    quant = getattr(model.config, "quantization_config", None)
-    if isinstance(quant, dict):
-        return quant.get("gguf_file") if quant.get("quant_method") == "gguf" else None
-    return getattr(quant, "gguf_file", None) if getattr(quant, "quant_method", None) == "gguf" else None
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated transformer blocks (model.layers, transformer.h, gpt_neox.layers, ...):
-    the list of the block class the model names in `_no_split_modules` (what transformers'
-    device maps and FSDP keep whole), else the longest ModuleList."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__}: no decoder blocks (nn.ModuleList) found")
-    block_classes = set(getattr(model, "_no_split_modules", None) or ())
-    named = [m for m in lists if type(m[0]).__name__ in block_classes]
-    return max(named or lists, key=len)
-
-
-def _checkpointing(model) -> bool:
-    # transformers 5.2x renamed is_gradient_checkpointing to is_activation_checkpointing
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
-
-
-_EXPERT_KEY = re.compile(r"(^|\.)lora_(A|B|router)$|^(module\.)?router\.")
-
-
-def is_expert_key(key: str) -> bool:
-    """State-dict keys that belong to the mixture (stacked experts, router), not the base."""
-    return bool(_EXPERT_KEY.search(key))
-
-
-def is_optional_key(key: str) -> bool:
-    """Router state a model saved without dynamic experts or k-means init lacks; loading keeps the defaults."""
-    owner, _, name = key.rpartition(".")
-    return name in OPTIONAL_BUFFERS and owner.endswith("router")
+        blocks.enable_checkpointing(self.base_model)

@@ -185,8 +185,6 @@ def activation_bytes(shape: ModelShape, step: Step) -> float:
         total = shape.num_layers * n * shape.hidden * s
     else:
         total = shape.num_layers * layer_activation_bytes(shape, step)
-    if step.mixture == "logits":  # the reference mode runs the base once per expert
-        total *= step.num_experts
     if shape.final_norm:
         total += n * shape.hidden * (4 if shape.final_norm[1] else s)
     if step.routing == "token":
@@ -205,11 +203,8 @@ def loss_stage_bytes(shape: ModelShape, step: Step, held_bytes: int) -> float:
     cast back for the next matmul (one fp32 tensor in fp32, 4 bytes a logit; 6 in bf16),
     plus the labelled positions' hidden states and their gradient, kept for the
     backward. Every position is counted as labelled
-    (prompts are not): an upper bound. The reference mode (mixture=logits) keeps
-    each expert pass's fp32 logits and their mixture as well."""
+    (prompts are not): an upper bound."""
     n, v, s = step.batch * (step.seq - 1), shape.vocab, step.act_bytes
-    if step.mixture == "logits":
-        return n * v * (4 * step.num_experts + 4 + 12)
     if shape.loss_chunk_tokens:
         per_logit = 4 if s == 4 else 4 + s
         return min(shape.loss_chunk_tokens, n) * v * per_logit + 2 * n * shape.hidden * s
@@ -242,8 +237,6 @@ def backward_label(step: Step) -> str:
 
 
 def logits_label(shape: ModelShape, step: Step) -> str:
-    if step.mixture == "logits":
-        return f"logits + loss (mixture=logits, {step.num_experts} passes)"
     if shape.loss_chunk_tokens:
         return f"logits + loss (chunked, {shape.loss_chunk_tokens} tokens/chunk)"
     return "logits + loss (plain: logits, fp32 log-probs + grads)"

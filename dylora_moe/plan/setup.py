@@ -127,7 +127,6 @@ class Step:
     num_experts: int
     lora_r: int
     routing: str
-    mixture: str
     optimizer: str
     device: str = "cuda"          # "cpu": no CUDA allowance, CPU kernels' saved tensors
 
@@ -152,7 +151,7 @@ def step_of(cfg, batch: Optional[int] = None, device: str = "cuda") -> Step:
                 act_bytes=2 if (cfg.train.bf16 or base_bytes == 2 or quant) else 4, base_bytes=base_bytes,
                 quant=quant, bf16=cfg.train.bf16, checkpointing=cfg.model.gradient_checkpointing,
                 lora_dropout=cfg.moe.lora_dropout, num_experts=planned_moe(cfg).num_experts, lora_r=cfg.moe.lora_r,
-                routing=cfg.moe.routing, mixture=cfg.moe.mixture, optimizer=cfg.train.optimizer, device=device)
+                routing=cfg.moe.routing, optimizer=cfg.train.optimizer, device=device)
 
 
 # ---------------------------------------------------------------------------- estimate

@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..model import DyLoRAMoE
 from ..model.hub_configs import known_configs
 from ..model.layer import StackedLoRALinear, is_linear_like, linear_shape
-from ..model.moe import decoder_blocks
+from ..model.blocks import decoder_blocks
 from ..model.tiny import TINY_PREFIX, tiny_config
 from ..recipe import base_files
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..model.router import per_example_gates
+from ..model.pooling import per_example_gates
 
 
 @dataclass

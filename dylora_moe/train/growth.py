@@ -38,7 +38,7 @@ import torch
 from ..errors import UserError
 from ..model import MoEConfig
 from ..model.growth import expert_axes
-from ..model.moe import CONFIG_FILE
+from ..model.persistence import CONFIG_FILE
 from . import build, sharding
 from ..checkpoint import read_marker
 from .maturity import full_fp32

@@ -175,7 +175,7 @@ def run_eval(run: Run) -> bool:
         save_usage_heatmap({k: v["gate_mean"] for k, v in results.items()}, plots / f"usage-step{state.step}.png",
                            f"expert usage by source, step {state.step}")
         logger.info("eval step %d: %s", state.step, ", ".join(
-            f"{k} loss {v['loss']:.4f} (training's gates {v['dense_loss']:.4f}) usage {[round(g, 2) for g in v['gate_mean']]}"
+            f"{k} loss {v['loss']:.4f} usage {[round(g, 2) for g in v['gate_mean']]}"
             for k, v in results.items()))
         for warning in routing_warnings(results):
             logger.warning("eval step %d: %s", state.step, warning)

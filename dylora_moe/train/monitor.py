@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..model.router import per_example_gates, segment_validity
+from ..model.packing import segment_validity
+from ..model.pooling import per_example_gates
 
 
 class RoutingStats:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collate import IGNORE_INDEX
-from ..model.router import masked_mean, segment_mean
+from ..model.pooling import masked_mean, segment_mean
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ from accelerate.utils import broadcast
 from torch.utils.data import DataLoader
 
 from ..data import DataCollator
+from ..model.kmeans import init_from_clusters
+from ..model.routing import training_unit_features
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +32,10 @@ MAX_UNITS = 8192       # token routing: units kept (seeded subsample) for k-mean
 @torch.no_grad()
 def init_router_from_data(moe, dataset, tokenizer, cfg, accelerator) -> list[int]:
     """Cluster the routing features of the first SAMPLE_ROWS training rows and initialise
-    the router from the clusters (router.init_from_clusters). Returns the cluster sizes."""
+    the router from the clusters (model/kmeans.py). Returns the cluster sizes."""
     moe.to(accelerator.device)
     features = _training_features(moe, dataset, tokenizer, cfg, accelerator)
-    sizes = moe.router.init_from_clusters(features, cfg.moe.router_init_scale, cfg.train.seed)
+    sizes = init_from_clusters(moe.router, features, cfg.moe.router_init_scale, cfg.train.seed)
     _broadcast_router(moe.router, accelerator)
     digest = router_sha256(moe.router)
     if accelerator.is_main_process:
@@ -50,9 +52,9 @@ def _training_features(moe, dataset, tokenizer, cfg, accelerator) -> torch.Tenso
     moe.eval()  # no dropout; the routing features do not depend on the experts
     try:
         with accelerator.autocast():  # as training computes them
-            features = [moe.training_unit_features(b["input_ids"].to(accelerator.device),
-                                                   b["attention_mask"].to(accelerator.device),
-                                                   b["labels"].to(accelerator.device)).float() for b in loader]
+            features = [training_unit_features(moe, b["input_ids"].to(accelerator.device),
+                                               b["attention_mask"].to(accelerator.device),
+                                               b["labels"].to(accelerator.device)).float() for b in loader]
     finally:
         moe.train(was_training)
     features = torch.cat(features)
