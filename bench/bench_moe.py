@@ -1,5 +1,5 @@
 """Throughput and memory of one training step: plain PEFT LoRA (the floor), the
-pass-per-expert reference (mixture="logits") and stacked experts (mixture="deltas") with each router
+pass-per-expert reference (tests/reference.py) and stacked experts with each router
 input, for E in {1, 2, 4, 8}, all on the same batch in the same run.
 
     python bench/bench_moe.py                          # CPU, small shape, ~1 min
@@ -15,6 +15,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -56,7 +57,7 @@ def variants(expert_counts, skip_logits_above):
     for e in expert_counts:
         yield dict(name=f"deltas/embeddings E={e}", experts=e, kind="moe", mixture="deltas", router_input="embeddings")
         yield dict(name=f"deltas/base_hidden E={e}", experts=e, kind="moe", mixture="deltas", router_input="base_hidden")
-        if e <= skip_logits_above:
+        if e <= skip_logits_above:  # the reference: a base pass per expert, logits mixed
             yield dict(name=f"logits/embeddings E={e}", experts=e, kind="moe", mixture="logits", router_input="embeddings")
 
 
@@ -68,7 +69,12 @@ def wrap(base, v, r):
                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         return model, lambda: model.unload()
     moe = DyLoRAMoE(base, MoEConfig(num_experts=v["experts"], lora_r=r, lora_alpha=2 * r, lora_dropout=0.05,
-                                    mixture=v["mixture"], router_input=v["router_input"]))
+                                    router_input=v["router_input"]))
+    if v["mixture"] == "logits":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from reference import PerExpertLoop
+
+        return PerExpertLoop(moe), moe.unload
     return moe, moe.unload
 
 

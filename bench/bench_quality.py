@@ -8,9 +8,8 @@ alternatives on the same data, steps and seeds, and prints one table.
 Every run is the demo recipe (configs/demo.yaml: tiny random Gemma base, E=4 experts of
 r=8, 200 steps) with the variant's moe fields; `real` swaps its data for the Code Alpaca
 and MBPP files in $DYLORA_DATA_DIR as two local sources. The columns:
-- routed: validation loss per source with the routing generate/eval use;
-- trained: the same batches with training's gates (noise off); routed/trained is the
-  largest ratio over the sources (1.00 = inference is the function that trained);
+- routed: validation loss per source with the routing generate/eval use (every gating
+  infers as it trains);
 - vs lora-Er: mean over sources of routed loss / one LoRA of rank E*r (the same trainable
   rank), < 1 = the mixture wins;
 - least used: the smallest share of routing an expert gets on the validation set;
@@ -36,13 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "demo.yaml"
 EXPERTS, RANK = 4, 8  # the demo recipe's
 
-DENSE = ["--gating", "dense", "--temperature", "1.0", "--balance_loss", "switch", "--balance_coefficient", "0.1"]
-SPARSE = ["--temperature", "1.0", "--top_k", "1", "--router_noise", "1.0", "--balance_loss", "switch",
-          "--balance_coefficient", "0.1"]
+DENSE = ["--gating", "dense", "--temperature", "1.0", "--balance_coefficient", "0.1"]
+SPARSE = ["--temperature", "1.0", "--top_k", "1", "--router_noise", "1.0", "--balance_coefficient", "0.1"]
 VARIANTS = {
-    # what the demo recipe shipped before: dense training, top-1 inference
-    "before": ["--gating", "dense_train_top_k_eval", "--temperature", "0.5", "--balance_loss", "mse",
-               "--balance_coefficient", "0.01"],
     "dense": DENSE,  # the shipped default
     "dense+kmeans": DENSE + ["--router_init", "kmeans"],
     # the control: the same mixture with the router flattened to uniform gates (a temperature
@@ -120,7 +115,7 @@ def summarise(out: Path, with_pass_at_1: bool) -> dict:
     times = [r["seconds_per_step"] for r in records if "seconds_per_step" in r]
     times = times[1:] or times  # the first window warms up
     usage = {source: r["gate_mean"] for source, r in final.items()}
-    row = {"routed": {s: r["loss"] for s, r in final.items()}, "trained": {s: r["dense_loss"] for s, r in final.items()},
+    row = {"routed": {s: r["loss"] for s, r in final.items()},
            "usage": usage, "least_used": min(statistics.mean(u) for u in zip(*usage.values())),
            "separation": separation(list(usage.values())), "seconds_per_step": statistics.median(times)}
     if with_pass_at_1:
@@ -151,7 +146,7 @@ def pass_at_1(out: Path) -> float:
 def combine(rows: list[dict]) -> dict:
     """Mean over seeds, with each loss's range."""
     out = {"seeds": len(rows)}
-    for key in ("routed", "trained"):
+    for key in ("routed",):
         out[key] = {s: statistics.mean(r[key][s] for r in rows) for s in rows[0][key]}
         out[key + "_range"] = {s: (min(r[key][s] for r in rows), max(r[key][s] for r in rows)) for s in rows[0][key]}
     for key in ("least_used", "separation", "seconds_per_step", "pass_at_1"):
@@ -166,18 +161,15 @@ def table(results: dict, data: str) -> str:
     rows = results[data]
     sources = list(next(iter(rows.values()))["routed"])
     short = [s.split(":")[-1] for s in sources]
-    head = ["variant", *(f"routed {s}" for s in short), *(f"trained {s}" for s in short), "routed/trained",
-            f"vs {BASELINE}", "least used", "separation", "pass@1", "s/step"]
+    head = ["variant", *(f"routed {s}" for s in short), f"vs {BASELINE}", "least used", "separation", "pass@1", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows.get(BASELINE)
     for name, r in rows.items():
         def loss(key, s):
             lo, hi = r[key + "_range"][s]
             return f"{r[key][s]:.4f}" + (f" [{lo:.4f}-{hi:.4f}]" if r["seeds"] > 1 else "")
-        ratio = max(r["routed"][s] / r["trained"][s] for s in sources)
         vs = statistics.mean(r["routed"][s] / base["routed"][s] for s in sources) if base else float("nan")
-        cells = [name, *(loss("routed", s) for s in sources), *(loss("trained", s) for s in sources), f"{ratio:.2f}",
-                 f"{vs:.2f}", f"{r['least_used']:.2f}", f"{r['separation']:.2f}",
+        cells = [name, *(loss("routed", s) for s in sources), f"{vs:.2f}", f"{r['least_used']:.2f}", f"{r['separation']:.2f}",
                  f"{r['pass_at_1']:.3f}" if "pass_at_1" in r else "-", f"{r['seconds_per_step']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ def test_compiled_blocks_give_the_same_loss_logits_and_gradients():
 
 
 def test_recipe_compile_flag_compiles_the_blocks():
-    from dylora_moe.model.moe import decoder_blocks
+    from dylora_moe.model.blocks import decoder_blocks
     from dylora_moe.train.build import build_moe
     from dylora_moe.recipe import load_recipe
     from conftest import make_base

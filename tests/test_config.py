@@ -8,9 +8,9 @@ from dylora_moe import MoEConfig
     ("top_k", 0), ("top_k", 5),  # num_experts is 4
     ("lora_r", 0),
     ("temperature", 0), ("temperature", -1.0),
-    ("router_input", "logits"), ("routing", "batch"), ("mixture", "sum"),
+    ("router_input", "logits"), ("routing", "batch"), ("gating", "sparse"),
     ("lora_dropout", 1.0), ("lora_dropout", -0.1),
-    ("balance_coefficient", -1), ("balance_loss", "kl"),
+    ("balance_coefficient", -1),
 ])
 def test_invalid_value_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"MoEConfig\.{field}="):
@@ -28,3 +28,45 @@ def test_unknown_field_in_file_is_named(tmp_path):
     (tmp_path / "c.json").write_text('{"num_experts": 2, "num_expert": 3}')
     with pytest.raises(ValueError, match=r"c\.json.*num_expert"):
         MoEConfig.load(tmp_path / "c.json")
+
+
+OLD_SAVED = {"num_experts": 2, "gating": "dense_train_top_k_eval", "balance_loss": "mse", "mixture": "logits",
+             "experts_mature": False, "top_k": 1}
+
+
+def test_a_config_with_removed_options_converts_once_with_one_warning(tmp_path, caplog):
+    import json
+
+    (tmp_path / "c.json").write_text(json.dumps(OLD_SAVED))
+    with caplog.at_level("WARNING"):
+        cfg = MoEConfig.load(tmp_path / "c.json")
+    assert cfg.gating == "dense" and cfg.num_experts == 2
+    [record] = [r for r in caplog.records if "removed MoEConfig options" in r.getMessage()]
+    assert record.getMessage() == (
+        f"{tmp_path / 'c.json'}: converted removed MoEConfig options: gating='dense_train_top_k_eval' -> 'dense'; "
+        "balance_loss='mse' dropped; mixture='logits' dropped; experts_mature=False dropped (docs/recipe.md)")
+
+
+def test_a_recipe_with_removed_options_still_loads(tmp_path, caplog):
+    from dylora_moe.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text("moe:\n  gating: dense_train_top_k_eval\n  balance_loss: switch\n"
+                                     "  mixture: deltas\n  num_experts: 3\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_recipe(str(tmp_path / "r.yaml"))
+    assert cfg.moe.gating == "dense" and cfg.moe.num_experts == 3
+    assert "gating='dense_train_top_k_eval' -> 'dense'; balance_loss='switch' dropped; mixture='deltas' dropped" \
+        in caplog.text
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("gating", "top_k_renormalised", "MoEConfig.gating='top_k_renormalised': expected one of ('dense', 'top_k', "
+                                     "'straight_through')"),
+    ("mixture", "sum", "unknown MoEConfig field(s) ['mixture']"),
+])
+def test_an_unknown_value_of_a_converted_field_is_one_line(field, value, message):
+    from dylora_moe.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        MoEConfig.from_dict({"num_experts": 2, field: value})
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -8,7 +8,7 @@ from conftest import make_moe, randomize_experts
 
 from dylora_moe.data import (DataCollator, DataConfig, PackingCollator, build_datasets, build_demo_tokenizer,
                              load_examples, tokenize_examples)
-from dylora_moe.model.router import packed_prefixes
+from dylora_moe.model.packing import packed_prefixes
 
 DEMO = [{"name": "demo", "family": "numbers"}, {"name": "demo", "family": "strings"}]
 

@@ -9,7 +9,7 @@ from test_generate import greedy_without_cache, left_pad
 from trainrun import SMALL
 
 from dylora_moe.model import DyLoRAMoE
-from dylora_moe.model.router import balance_loss
+from dylora_moe.model.balance import balance_loss
 from dylora_moe.recipe import load_recipe
 
 
@@ -32,7 +32,7 @@ def test_each_layer_routes_its_own_tokens_and_every_router_learns():
     assert out.routing_weights.shape == (*batch["input_ids"].shape, 4)
     assert not torch.allclose(recorded[0], recorded[1])  # two layers, two routings
     units = batch["attention_mask"].bool()
-    expected = torch.stack([balance_loss(g, units, "switch") for g in recorded]).mean()
+    expected = torch.stack([balance_loss(g, units) for g in recorded]).mean()
     assert torch.equal(out.balance_loss, expected)
     out.loss.backward()
     assert all(layer.lora_router.grad is not None and layer.lora_router.grad.abs().sum() > 0

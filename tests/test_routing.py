@@ -1,10 +1,10 @@
-"""Router behaviour: prompt-only pooling, dense_train_top_k_eval (dense in training, sparse top-k in
-eval), maturity, balance losses. The other gatings: tests/test_gating.py."""
+"""Router behaviour: prompt-only pooling, top_k (one algorithm for every k, in training and
+in eval), the balance loss. The other gatings: tests/test_gating.py."""
 import pytest
 import torch
 from conftest import VOCAB, make_batch, make_moe
 
-from dylora_moe.model.router import balance_loss
+from dylora_moe.model.balance import balance_loss
 
 
 @pytest.mark.parametrize("router_input", ["embeddings", "base_hidden"])
@@ -45,31 +45,23 @@ def test_left_padding_values_do_not_matter(router_input):
 
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_dense_train_top_k_eval_is_sparse_in_eval_and_dense_in_training(routing, top_k):
-    moe = make_moe(num_experts=4, top_k=top_k, routing=routing, gating="dense_train_top_k_eval")
+def test_top_k_keeps_p_on_the_top_k_for_every_k_in_training_and_eval(routing, top_k):
+    moe = make_moe(num_experts=4, top_k=top_k, routing=routing, gating="top_k")
     batch, prompt = make_batch()
-    moe.eval()
+    gates = {}
+    for training in (False, True):
+        moe.train(training)
+        with torch.no_grad():
+            gates[training] = moe(**batch, prompt_mask=prompt).routing_weights
+    assert torch.equal(gates[False], gates[True])  # no noise: the same function
+    moe.router.gating = "dense"
     with torch.no_grad():
-        gates = moe(**batch, prompt_mask=prompt).routing_weights
+        probs = moe(**batch, prompt_mask=prompt).routing_weights
     expected_units = 1 if routing == "sequence" else batch["input_ids"].shape[1]
-    assert gates.shape == (3, expected_units, 4)
-    assert ((gates > 0).sum(-1) == top_k).all()
-    torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[:2]))
-    moe.train()
-    dense = moe(**batch, prompt_mask=prompt).routing_weights
-    assert (dense > 0).all()
-    torch.testing.assert_close(dense.sum(-1), torch.ones(dense.shape[:2]))
-
-
-def test_immature_expert_keeps_eval_routing_dense():
-    moe = make_moe(num_experts=4, top_k=1, gating="dense_train_top_k_eval")
-    moe.eval()
-    batch, _ = make_batch()
-    assert ((moe(**batch).routing_weights > 0).sum(-1) == 1).all()
-    moe.router.expert_maturity[3] = False
-    assert (moe(**batch).routing_weights > 0).all()
-    moe.router.expert_maturity[3] = True
-    assert ((moe(**batch).routing_weights > 0).sum(-1) == 1).all()
+    assert gates[False].shape == (3, expected_units, 4)
+    assert ((gates[False] > 0).sum(-1) == top_k).all()
+    kept = probs.topk(top_k, dim=-1).indices
+    assert torch.equal(gates[False].gather(-1, kept), probs.gather(-1, kept))  # p itself, not renormalised
 
 
 def test_temperature_flattens_training_gates():
@@ -83,17 +75,15 @@ def test_temperature_flattens_training_gates():
     assert spread[1] < spread[0]
 
 
-def test_balance_losses():
+def test_balance_loss():
     uniform = torch.full((4, 1, 4), 0.25)
     skewed = torch.tensor([[[0.97, 0.01, 0.01, 0.01]]]).expand(4, 1, 4)
-    assert balance_loss(uniform, None, "mse").item() == pytest.approx(0.0)
-    assert balance_loss(skewed, None, "mse").item() == pytest.approx(((0.97 - 0.25) ** 2 + 3 * 0.24 ** 2) / 4)
     # Switch loss: E * sum f*P = 1 when balanced, E * 0.97 when all units pick expert 0
-    assert balance_loss(uniform + torch.tensor([0.01, 0, 0, 0]), None, "switch").item() == pytest.approx(4 * 0.26)
-    assert balance_loss(skewed, None, "switch").item() == pytest.approx(4 * 0.97)
+    assert balance_loss(uniform + torch.tensor([0.01, 0, 0, 0]), None).item() == pytest.approx(4 * 0.26)
+    assert balance_loss(skewed, None).item() == pytest.approx(4 * 0.97)
     # token routing: masked tokens do not count
-    tokens = torch.stack([uniform[:, 0], skewed[:, 0]], dim=1)  # (4, 2, 4)
-    assert balance_loss(tokens, torch.tensor([[1, 0]] * 4), "mse").item() == pytest.approx(0.0)
+    tokens = torch.stack([skewed[:, 0], uniform[:, 0] + torch.tensor([0.01, 0, 0, 0])], dim=1)  # (4, 2, 4)
+    assert balance_loss(tokens, torch.tensor([[0, 1]] * 4)).item() == pytest.approx(4 * 0.26)
 
 
 def test_loss_reports_lm_and_balance_separately():

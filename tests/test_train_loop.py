@@ -66,7 +66,7 @@ def test_early_stopping_after_patience(tmp_path, monkeypatch, fresh_accelerate):
 
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9])
     monkeypatch.setattr(loop, "evaluate_losses", lambda *a, **k: {"demo:numbers": {
-        "loss": next(losses), "dense_loss": 0.1, "perplexity": 1.0, "tokens": 1, "gate_mean": [0.25] * 4}})
+        "loss": next(losses), "perplexity": 1.0, "tokens": 1, "gate_mean": [0.25] * 4}})
     summary = loop.train(recipe(tmp_path, "--max_steps", "20", "--eval_every", "1", "--early_stopping_patience", "2"))
     assert summary["step"] == 4  # evals at 1 (1.0), 2 (0.5 best), 3, 4: two without improvement
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-4").is_dir()
@@ -124,7 +124,7 @@ def test_demo_recipe_trains_and_reports(tmp_path, fresh_accelerate, capsys):
     assert steps[-1]["lm_loss"] < 0.5 * steps[0]["lm_loss"]
     final = [r for r in records(tmp_path) if "eval" in r][-1]["eval"]
     assert set(final) == {"demo:numbers", "demo:strings"}
-    assert all(v["dense_loss"] > 0 and abs(sum(v["gate_mean"]) - 1) < 1e-6 for v in final.values())
+    assert all(v["loss"] > 0 and abs(sum(v["gate_mean"]) - 1) < 1e-6 for v in final.values())
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])

@@ -102,14 +102,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(router_input, routing):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
 
-def test_logits_mode_refuses_checkpointing():
-    moe = make_moe(mixture="logits")
-    moe.train()
-    moe.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="mixture='logits'"):
-        moe(**make_batch()[0])
-
-
 @pytest.mark.parametrize("arch", ["gemma", "gpt2"])
 def test_save_pretrained_round_trips_exactly(arch, tmp_path):
     moe = make_moe(arch, num_experts=3, routing="token")
