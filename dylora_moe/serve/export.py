@@ -40,7 +40,7 @@ def parse_gates(text: str) -> list[float]:
 
 
 def source_gates(loaded, source: str) -> list[float]:
-    from ..eval.prune import expert_usage
+    from ..eval.usage import expert_usage
 
     if loaded.recipe is None:
         raise FileNotFoundError(f"{loaded.source / 'recipe.yaml'}: missing; --source reads the run's recipe data")

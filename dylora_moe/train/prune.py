@@ -3,10 +3,9 @@
     dylora-moe prune runs/demo --threshold 0.02                 # -> runs/demo-pruned/
     dylora-moe prune runs/demo --threshold 0.02 --output runs/demo-small
 
-Usage is measured as inference routes (eval mode: sparse top-k once every expert is
-mature): the mean gate of each expert over the validation examples of every source of
-the run's recipe. Experts below the threshold are removed (DyLoRAMoE.prune_expert); the
-others keep their weights, in order. The result is a new portable model folder (experts,
+Usage is measured as inference routes (eval/usage.py): the mean gate of each expert over
+the validation examples of every source of the run's recipe. Experts below the threshold
+are removed (DyLoRAMoE.prune_expert); the others keep their weights, in order. The result is a new portable model folder (experts,
 PEFT adapters, tokenizer, recipe, the tiny base if the run has one, and prune.json with
 the usage it was decided on); it never overwrites anything.
 """
@@ -18,28 +17,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from ..data import build_datasets, load_examples
-from ..data.loaders import eval_loaders
 from ..errors import UserError, guarded
+from ..eval.loading import load_run, local_base
+from ..eval.usage import expert_usage
 from ..model.portable import write_portable
-from .loading import load_run, local_base
-from .losses import evaluate_losses
-
-
-def expert_usage(moe, recipe, tokenizer) -> tuple[list[float], dict[str, list[float]]]:
-    """(usage per expert over all validation examples, usage per source)."""
-    bundle = build_datasets(recipe.data, tokenizer, load_examples(recipe.data))
-    loaders = eval_loaders(bundle.validation, tokenizer.pad_token_id, recipe.train.eval_batch_size, recipe.train.seed)
-    if not loaders:
-        raise UserError("the run's recipe has no validation data to measure expert usage on")
-    results = evaluate_losses(moe, loaders, moe.config.num_experts)
-    rows = {name: len(bundle.validation[name]) for name in results}
-    total = torch.zeros(moe.config.num_experts, dtype=torch.float64)
-    for name, result in results.items():
-        total += torch.tensor(result["gate_mean"], dtype=torch.float64) * rows[name]
-    return (total / sum(rows.values())).tolist(), {name: r["gate_mean"] for name, r in results.items()}
 
 
 def prune_run(run, threshold: float, output=None, base_model=None) -> dict:
