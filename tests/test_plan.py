@@ -189,14 +189,14 @@ def test_warnings_before_launch(monkeypatch, caplog):
 
 
 def test_vertex_dry_run_warns_when_the_plan_does_not_fit(capsys):
-    from launch import vertex
+    from dylora_moe.vertex import submit
 
     args = ["--project", "p", "--region", "us-central1", "--image", "us-central1-docker.pkg.dev/p/r/i:1",
             "--base_output_dir", "gs://b/run", "--machine", "a2-highgpu-1g", "--dry-run", "--config", RECIPE]
-    assert vertex.main(args) == 0
+    assert submit.main(args) == 0
     captured = capsys.readouterr()
     assert "memory plan" not in captured.err
-    assert vertex.main(args + ["--", "--train_batch_size", "64", "--loss_chunk_tokens", "0"]) == 0
+    assert submit.main(args + ["--", "--train_batch_size", "64", "--loss_chunk_tokens", "0"]) == 0
     captured = capsys.readouterr()
     assert "warning: memory plan" in captured.err and "A100-40GB" in captured.err
     json.loads(captured.out)  # stdout is still the job spec alone

@@ -15,7 +15,7 @@ from .shape import ModelShape, model_shape, resolve_base_config
 # What nvidia-smi reports as each card's total memory (MiB). The CUDA context and
 # allocator slack come out of this, which is why the plan adds an allowance for them.
 GPUS = {"A100-40GB": 40536, "A100-80GB": 81920, "H100-80GB": 81559, "L4-24GB": 23034}
-# Vertex AI accelerator types (launch/vertex.py) -> the GPU above.
+# Vertex AI accelerator types (dylora_moe/vertex/submit.py) -> the GPU above.
 VERTEX_ACCELERATORS = {"NVIDIA_TESLA_A100": "A100-40GB", "NVIDIA_A100_80GB": "A100-80GB",
                        "NVIDIA_H100_80GB": "H100-80GB", "NVIDIA_L4": "L4-24GB"}
 

@@ -1,4 +1,4 @@
-"""The container's entrypoint: `python -m launch.entrypoint --config RECIPE [--field value ...]`.
+"""The container's entrypoint: `python -m dylora_moe.vertex.entrypoint --config RECIPE [--field value ...]`.
 
 Reads CLUSTER_SPEC (absent = one node), counts local GPUs, maps gs:// paths to the
 /gcs/ mount, fetches secrets named by reference, and *execs* `accelerate launch` with
@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from dylora_moe.errors import UserError, guarded
+from ..errors import UserError, guarded
 
 from .cluster import Node, parse_cluster_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SINGLE_NODE_CONFIG = ROOT / "accelerate_configs" / "zero2_offload.yaml"
 MULTI_NODE_CONFIG = ROOT / "accelerate_configs" / "multi_node_zero2.yaml"
 SECRETS_ENV = "DYLORA_SECRET_REFS"  # {"HF_TOKEN": "projects/P/secrets/S/versions/latest", ...}

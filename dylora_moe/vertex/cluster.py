@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from dylora_moe.errors import UserError
+from ..errors import UserError
 
 
 class ClusterSpecError(UserError):

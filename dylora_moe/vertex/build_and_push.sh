@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the training image and push it to Artifact Registry:
-#   launch/build_and_push.sh REGION PROJECT REPO [IMAGE] [TAG]
-# or with the environment: REGION=... PROJECT=... REPO=... [IMAGE=dylora-moe] [TAG=git sha] launch/build_and_push.sh
+#   dylora_moe/vertex/build_and_push.sh REGION PROJECT REPO [IMAGE] [TAG]
+# or with the environment: REGION=... PROJECT=... REPO=... [IMAGE=dylora-moe] [TAG=git sha] dylora_moe/vertex/build_and_push.sh
 # DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 REGION="${1:-${REGION:-}}"
@@ -19,7 +19,7 @@ usage() {
 [ -n "$REPO" ] || usage REPO
 URI="${REGION}-docker.pkg.dev/${PROJECT}/${REPO}/${IMAGE}:${TAG}"
 run() { if [ -n "${DRY_RUN:-}" ]; then echo "+ $*"; else "$@"; fi; }
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 run gcloud auth configure-docker "${REGION}-docker.pkg.dev" --quiet
 run docker build -t "$URI" .
 run docker push "$URI"

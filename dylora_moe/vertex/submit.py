@@ -18,8 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from dylora_moe.plan import GPUS, VERTEX_ACCELERATORS, fit_warning, strategy_named, strategy_of_config
-from dylora_moe.recipe import load_recipe
+from ..plan import GPUS, VERTEX_ACCELERATORS, fit_warning, strategy_named, strategy_of_config
+from ..recipe import load_recipe
 
 # preset -> (machine type, accelerator type, accelerators per node)
 MACHINES = {
@@ -38,7 +38,7 @@ MACHINES = {
     "g2-standard-48": ("g2-standard-48", "NVIDIA_L4", 4),
     "g2-standard-96": ("g2-standard-96", "NVIDIA_L4", 8),
 }
-CONFIG_ENV = "DYLORA_ACCELERATE_CONFIG"  # read by launch/entrypoint.py inside the container
+CONFIG_ENV = "DYLORA_ACCELERATE_CONFIG"  # read by dylora_moe/vertex/entrypoint.py inside the container
 SECRET_LIKE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
 SECRET_REF = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
 SECRETS_ENV = "DYLORA_SECRET_REFS"
@@ -177,6 +177,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from dylora_moe.errors import guarded
+    from ..errors import guarded
 
     sys.exit(guarded(main, sys.argv[1:]))
