@@ -70,3 +70,20 @@ def test_an_unknown_value_of_a_converted_field_is_one_line(field, value, message
     with pytest.raises(UserError) as error:
         MoEConfig.from_dict({"num_experts": 2, field: value})
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_docs_recipe_md_lists_every_recipe_field_once_and_says_the_count():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from dylora_moe.recipe import SECTIONS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipe.md").read_text()
+    fields = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+    total = sum(map(len, fields.values()))
+    assert f"**{total}**" in text
+    for section, names in fields.items():
+        table = text.split(f"## `{section}`", 1)[1].split("\n## ", 1)[0]
+        listed = re.findall(r"^\| `(\w+)` \|", table, re.M)
+        assert sorted(listed) == sorted(names), section  # each once, in the order that reads best
