@@ -10,7 +10,7 @@ is not enough, because the router's softmax would give the newcomer a share of e
 gate and scale all the other experts' contributions down by it. So a new expert joins
 with admission 0 (router.forward adds log(admission) to its logit): its gate is exactly
 0 and the others' gates are the same softmax as before. Its admission then ramps to 1
-over its first `maturity_steps` optimizer steps (router.advance), so the mixture shifts
+over its first `maturity_steps` optimizer steps (admission.advance), so the mixture shifts
 to it gradually instead of jumping at the first step.
 
 Initial weights (`init`):

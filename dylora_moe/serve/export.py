@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import UserError, guarded
 from ..eval.variants import custom
+from ..model.persistence import base_name
 
 
 def parse_args(argv):
@@ -67,7 +68,7 @@ def export(run, out, gates=None, source=None, base_model=None) -> dict:
     loaded.moe.export_mixture(list(chosen), out)
     record = {"gates": list(chosen), "source": source, "experts": str(loaded.source),
               "weights_sha256": loaded.weights_sha256, "num_experts": num_experts,
-              "rank": num_experts * loaded.moe.config.lora_r, "base_model": loaded.moe._base_name()}
+              "rank": num_experts * loaded.moe.config.lora_r, "base_model": base_name(loaded.moe.base_model)}
     gguf = loaded.recipe.model.gguf_file if loaded.recipe is not None else None
     (out / "mixture.json").write_text(json.dumps({**record, "gguf_file": gguf}, indent=2) + "\n")
     (out / "README.md").write_text(readme(record, gguf))
