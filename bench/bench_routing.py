@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-import dylora_moe.model.moe as moe_module
+import dylora_moe.model.routing as routing_module
 from bench_moe import SHAPES, _device_name, timed_step
 from dylora_moe import DyLoRAMoE, MoEConfig
 from dylora_moe.data import DataCollator, PackingCollator
@@ -71,11 +71,11 @@ def routing_pass_over_whole_rows(enabled):
         order = torch.arange(width, device=segment_ids.device).expand(batch, width)
         return order, torch.ones_like(unit_mask, dtype=torch.bool), position_ids
 
-    original, moe_module.packed_prefixes = moe_module.packed_prefixes, keep_all
+    original, routing_module.packed_prefixes = routing_module.packed_prefixes, keep_all
     try:
         yield
     finally:
-        moe_module.packed_prefixes = original
+        routing_module.packed_prefixes = original
 
 
 def main(argv=None):
