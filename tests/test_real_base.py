@@ -49,8 +49,10 @@ def recipe_args(smollm2: Path, data_dir: Path, out: Path, steps: int) -> list[st
 
 
 def cli(*args, tmp: Path, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dylora_moe.cli", *map(str, args)], cwd=ROOT, env=env(tmp),
-                          capture_output=True, text=True, timeout=timeout)
+    # the GGUF file's dequantized copy goes to tmp's cache: converted once here, whatever is cached elsewhere
+    return subprocess.run([sys.executable, "-m", "dylora_moe.cli", *map(str, args)], cwd=ROOT,
+                          env={**env(tmp), "DYLORA_CACHE": str(tmp / "cache")}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,8 @@ def trained(smollm2, data_dir, tmp_path_factory):
 def test_gguf_base_trains_and_resumes(trained):
     out, first, resumed, _ = trained
     assert "resumed from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    # the first run dequantized the GGUF file once; the resumed one read that copy
+    assert "dequantizing once" in first.stderr and "dequantizing once" not in resumed.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2, 3]
@@ -78,13 +82,15 @@ def test_gguf_base_trains_and_resumes(trained):
     assert moe_config["extra"]["base_gguf_file"] == GGUF
 
 
-def test_exported_expert_names_its_gguf_base_and_matches_peft(trained, smollm2):
+def test_exported_expert_names_its_gguf_base_and_matches_peft(trained, smollm2, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from dylora_moe.eval.loading import load_run
 
-    out, *_ = trained
+    out, _, _, tmp = trained
+    monkeypatch.setenv("DYLORA_CACHE", str(tmp / "cache"))
+    [copy_dir] = [p for p in (tmp / "cache" / "gguf").iterdir() if p.is_dir()]
     adapter = out / "final" / "peft_expert_1"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(smollm2)
@@ -95,6 +101,10 @@ def test_exported_expert_names_its_gguf_base_and_matches_peft(trained, smollm2):
     with torch.no_grad(), loaded.moe.override_gates(torch.tensor([0.0, 1.0, 0.0, 0.0])):
         forced = loaded.moe(input_ids=ids).logits
     base = AutoModelForCausalLM.from_pretrained(smollm2, gguf_file=GGUF, dtype=torch.float32)
+    # the dequantized copy the runs loaded holds what transformers makes of the GGUF file, bitwise
+    direct = base.state_dict()
+    copied = AutoModelForCausalLM.from_pretrained(copy_dir, dtype=torch.float32).state_dict()
+    assert direct.keys() == copied.keys() and all(torch.equal(direct[k], copied[k]) for k in direct)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
         exported = peft_model(input_ids=ids).logits

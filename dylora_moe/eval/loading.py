@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import UserError
-from ..model import DyLoRAMoE
+from ..model import DyLoRAMoE, gguf
 from ..model.quantized import quantization_config
 from ..recipe import base_files, load_recipe
 
@@ -54,8 +54,12 @@ def load_run(path, base_model=None, dtype=None) -> Loaded:
         name = base_model or _base_from_run(src, recipe)
         # The run's GGUF file, unless another base was named.
         files = base_files(recipe.model) if recipe is not None and base_model is None else {}
-        base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **files,
+        copy_dir = gguf.plain_copy(name, files["gguf_file"], dtype or torch.float32) if files else None
+        base_model = AutoModelForCausalLM.from_pretrained(copy_dir or name, dtype=dtype or torch.float32,
+                                                          **({} if copy_dir else files),
                                                           **_quantization_kwargs(recipe, dtype or torch.float32))
+        if copy_dir:
+            gguf.name_source(base_model, name, files["gguf_file"])
     moe = DyLoRAMoE.from_pretrained(base_model, src / "experts")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..data import build_demo_tokenizer
 from ..data.loaders import eval_loaders, train_loader
 from ..errors import UserError
-from ..model import DyLoRAMoE
+from ..model import DyLoRAMoE, gguf
 from ..model.quantized import quantization_config
 from ..model.tiny import TINY_PREFIX, random_causal_lm, tiny_config
 from ..recipe import base_dtype, base_files
@@ -42,17 +42,28 @@ def build_tokenizer(cfg, examples, run_dir: Path, accelerator):
     if cfg.model.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.base_model, **base_files(cfg.model))
+        name, files = base_location(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(name, **files)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # labels come from lengths, so EOS keeps its label
     return tokenizer
 
 
+def base_location(cfg) -> tuple[str, dict]:
+    """Where from_pretrained reads the base, and which file: the recipe's base_model, or
+    for a GGUF base the copy dequantized on first use (model/gguf.py: a minute saved per load)."""
+    if cfg.model.gguf_file:
+        copy_dir = gguf.plain_copy(cfg.model.base_model, cfg.model.gguf_file, base_dtype(cfg))
+        if copy_dir is not None:
+            return str(copy_dir), {}
+    return cfg.model.base_model, base_files(cfg.model)
+
+
 def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
-    kwargs = {"dtype": base_dtype(cfg), **base_files(cfg.model)}
+    name, files = base_location(cfg)
+    kwargs = {"dtype": base_dtype(cfg), **files}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    name = cfg.model.base_model
     if name.startswith(TINY_PREFIX):
         # A random base is saved in the run so a resumed or evaluated run sees the same one.
         arch = name[len(TINY_PREFIX):]
@@ -70,6 +81,8 @@ def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
         if not sharding.zero3_enabled():  # transformers refuses a device_map under ZeRO-3
             kwargs["device_map"] = {"": accelerator.device}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if cfg.model.gguf_file and not files:
+        gguf.name_source(model, cfg.model.base_model, cfg.model.gguf_file)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but {name} only {model.get_input_embeddings().num_embeddings}")
     return model
