@@ -58,6 +58,26 @@ def test_forced_gates_ignore_the_layer_routers():
     assert not torch.allclose(routed, forced, atol=1e-3)
 
 
+
+def test_the_base_alone_scores_with_no_expert_and_no_routing():
+    """`eval --variants base` and the benchmarks' base row switch the experts off: the
+    layers then route nothing, and the forward is the base's, with zero gates."""
+    from dylora_moe.eval.losses import batch_losses
+
+    moe = layer_moe()
+    moe.eval()
+    batch, _ = make_batch()
+    with torch.no_grad(), moe.experts_disabled():
+        out = moe(**batch)
+        scored = batch_losses(moe, batch)
+    with torch.no_grad():
+        for layer in moe.experts.values():
+            layer.lora_B.zero_()  # experts that add nothing: the base's own output
+        base = moe(**batch).logits
+    torch.testing.assert_close(out.logits, base)
+    assert out.routing_weights.shape == (*batch["input_ids"].shape, 4) and not out.routing_weights.any()
+    assert out.balance_loss == 0 and not scored["gates"].any()
+
 def test_cached_generation_equals_full_recompute():
     moe = layer_moe()
     prompt = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))

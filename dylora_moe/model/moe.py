@@ -301,6 +301,9 @@ class DyLoRAMoE(nn.Module):
         """(the layers' mean gates (B, T, E), the mean of their balance losses) after a
         forward that routed in the layers."""
         recorded = self._slot.recorded
+        if not recorded and not self._slot.enabled:  # the plain base: no layer routed, no expert used
+            zeros = torch.zeros((*units.shape[:2], self.config.num_experts), device=units.device)
+            return zeros, zeros.sum()
         if not recorded:
             raise RuntimeError("router_input='layer': no layer routed in this forward (no target layer ran)")
         balance = torch.stack([balance_loss(g, units) for g in recorded]).mean()
