@@ -106,6 +106,7 @@ def convert(source: Path, dtype: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
 def name_source(model, base_model: str, gguf_file: str):
     """A model loaded from the copy names its GGUF source as one loaded from the file does
     (`_name_or_path` and the quantization_config transformers records), so exported
