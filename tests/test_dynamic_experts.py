@@ -112,10 +112,11 @@ def test_prune_the_grown_run_and_load_it(grown_run, tmp_path):
 
     out, _ = grown_run
     target = tmp_path / "pruned"
-    assert main(["prune", str(out), "--threshold", "0.02", "--output", str(target)]) == 0
+    # the experts this short run hardly uses (their share depends on the recipe's rate; measured 0.02-0.03)
+    assert main(["prune", str(out), "--threshold", "0.05", "--output", str(target)]) == 0
     summary = json.loads((target / "prune.json").read_text())
     assert summary["pruned"] and len(summary["kept"]) == summary["num_experts"] < 6
-    assert all(summary["usage"][i] < 0.02 for i in summary["pruned"])
+    assert all(summary["usage"][i] < 0.05 for i in summary["pruned"])
     loaded = load_run(target)
     assert loaded.moe.config.num_experts == summary["num_experts"]
     original = experts(out / "final" / "experts")
