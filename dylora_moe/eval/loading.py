@@ -54,11 +54,10 @@ def load_run(path, base_model=None, dtype=None) -> Loaded:
         name = base_model or _base_from_run(src, recipe)
         # The run's GGUF file, unless another base was named.
         files = base_files(recipe.model) if recipe is not None and base_model is None else {}
-        copy_dir = gguf.plain_copy(name, files["gguf_file"], dtype or torch.float32) if files else None
-        base_model = AutoModelForCausalLM.from_pretrained(copy_dir or name, dtype=dtype or torch.float32,
-                                                          **({} if copy_dir else files),
+        where, kwargs = gguf.location(name, files.get("gguf_file"), dtype or torch.float32)
+        base_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs,
                                                           **_quantization_kwargs(recipe, dtype or torch.float32))
-        if copy_dir:
+        if files and not kwargs:
             gguf.name_source(base_model, name, files["gguf_file"])
     moe = DyLoRAMoE.from_pretrained(base_model, src / "experts")
     try:

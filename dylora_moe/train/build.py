@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..model import DyLoRAMoE, gguf
 from ..model.quantized import quantization_config
 from ..model.tiny import TINY_PREFIX, random_causal_lm, tiny_config
-from ..recipe import base_dtype, base_files
+from ..recipe import base_dtype
 from . import sharding
 from .identity import config_sha256
 
@@ -50,13 +50,9 @@ def build_tokenizer(cfg, examples, run_dir: Path, accelerator):
 
 
 def base_location(cfg) -> tuple[str, dict]:
-    """Where from_pretrained reads the base, and which file: the recipe's base_model, or
-    for a GGUF base the copy dequantized on first use (model/gguf.py: a minute saved per load)."""
-    if cfg.model.gguf_file:
-        copy_dir = gguf.plain_copy(cfg.model.base_model, cfg.model.gguf_file, base_dtype(cfg))
-        if copy_dir is not None:
-            return str(copy_dir), {}
-    return cfg.model.base_model, base_files(cfg.model)
+    """Where from_pretrained reads the base: for a GGUF base the copy dequantized on
+    first use (model/gguf.py: a minute saved per load)."""
+    return gguf.location(cfg.model.base_model, cfg.model.gguf_file, base_dtype(cfg))
 
 
 def build_base_model(cfg, tokenizer, run_dir: Path, accelerator):
