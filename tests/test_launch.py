@@ -100,7 +100,7 @@ def test_two_nodes_on_localhost_train_together(tmp_path):
     """Two entrypoint processes, one per "node", CLUSTER_SPECs pointing at 127.0.0.1: they
     rendezvous (gloo), train the demo under multi-node ZeRO-2 and end with equal weights."""
     out = tmp_path / "run"
-    outputs = two_nodes(tmp_path, ["--max_steps", "4", "--output_dir", str(out)])
+    outputs = two_nodes(tmp_path, ["--max_steps", "2", "--output_dir", str(out)])
     assert "--machine_rank 1" in outputs[1] and "--num_processes 2" in outputs[0]
     checksums = final_record(out)["weights_sha256_per_rank"]
     assert len(checksums) == 2 and len(set(checksums)) == 1

@@ -3,7 +3,7 @@ import pytest
 from dylora_moe.recipe import load_recipe
 from trainrun import SMALL, explain, final_record, losses, records, run, run_and_interrupt
 
-STEPS = 24
+STEPS = 16  # the resumed part still crosses a scheduled save and eval (every 8)
 
 
 # The demo recipe routes dense; one DDP case trains with the sparse straight-through
@@ -11,9 +11,9 @@ STEPS = 24
 NOISY = ["--gating", "straight_through", "--router_noise", "1.0", "--router_init", "kmeans"]
 
 
-@pytest.mark.parametrize("mode,extra", [("ddp2", []), ("zero2_2", []), ("offload_1", []), ("offload_2", []),
-                                        ("ddp2", NOISY)], ids=["ddp2", "zero2_2", "offload_1", "offload_2",
-                                                               "ddp2-noisy-kmeans"])
+# DDP runs only with NOISY: the same save / restore path as plain DDP, with more state to restore.
+@pytest.mark.parametrize("mode,extra", [("zero2_2", []), ("offload_1", []), ("offload_2", []), ("ddp2", NOISY)],
+                         ids=["zero2_2", "offload_1", "offload_2", "ddp2-noisy-kmeans"])
 def test_sigterm_then_auto_resume_matches_an_uninterrupted_run_bitwise(mode, extra, tmp_path):
     args = SMALL + ["--max_steps", str(STEPS), "--eval_every", "8", "--save_every", "8", *extra]
     straight = tmp_path / "straight"
