@@ -59,7 +59,6 @@ def plain_copy(base_model: str, gguf_file: str, dtype: torch.dtype) -> Optional[
         return None
 
 
-
 def location(base_model: str, gguf_file: Optional[str], dtype: torch.dtype) -> tuple[str, dict]:
     """(what from_pretrained reads, its file keyword): the copy where there is one, else
     `base_model` itself, with `gguf_file=` when it is a GGUF base."""
@@ -67,6 +66,7 @@ def location(base_model: str, gguf_file: Optional[str], dtype: torch.dtype) -> t
     if copy_dir is not None:
         return str(copy_dir), {}
     return base_model, ({"gguf_file": gguf_file} if gguf_file else {})
+
 
 def gguf_path(base_model: str, gguf_file: str) -> Path:
     if Path(base_model).is_dir():
