@@ -204,7 +204,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common = offline_base() + data_overrides() + (["--max_steps", str(args.steps)] if args.steps else [])
     common += args.extra.split()
-    rank = lora_rank(common)
+    # the LoRA's rank comes from the recipe's mixture, which --extra may make invalid (say a k-means
+    # router init, which per-layer routers refuse) for runs that train no LoRA
+    rank = lora_rank(common) if "lora" in args.variants else None
     lora = ["--lora_r", str(rank), "--learning_rate", args.lora_lr]
     overrides = {name: common + extra + (lora if name == "lora" else [])
                  for name, extra in VARIANTS.items() if extra is not None}
