@@ -42,8 +42,10 @@ VARIANTS = {
     # too, docs/benchmarks.md); the mixture's is the recipe's 1e-3
     "lora": ["--num_experts", "1", "--routing", "sequence", "--router_input", "embeddings"],
     "mixture": [],                                          # the recipe as shipped
-    # one adapter per request: one router over the base's hidden states, the Switch balance that suits it
-    "mixture-sequence": ["--routing", "sequence", "--router_input", "base_hidden", "--balance_coefficient", "0.1"],
+    # one adapter per request: one router over the base's hidden states, the Switch balance that suits it,
+    # its rows started on k-means clusters of the prompts (the experts then specialise per source)
+    "mixture-sequence": ["--routing", "sequence", "--router_input", "base_hidden", "--balance_coefficient", "0.1",
+                         "--router_init", "kmeans"],
 }
 PASS_TASKS = {"humaneval": "raw", "mbpp": "bigcode"}
 
