@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     # the LoRA's rank comes from the recipe's mixture, which --extra may make invalid (say a k-means
     # router init, which per-layer routers refuse) for runs that train no LoRA
     rank = lora_rank(common) if "lora" in args.variants else None
-    lora = ["--lora_r", str(rank), "--learning_rate", args.lora_lr]
+    lora = ["--lora_r", str(rank), "--learning_rate", args.lora_lr] if rank else []
     overrides = {name: common + extra + (lora if name == "lora" else [])
                  for name, extra in VARIANTS.items() if extra is not None}
     work, started, results = Path(args.work), time.time(), {}
