@@ -1,6 +1,7 @@
 """Helpers for tests that run real training processes (1 or 2, DDP or DeepSpeed) on CPU."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -40,6 +41,12 @@ def register_mode(name: str, config_file: Path, processes: int = 2, cpu: bool = 
     return name
 
 
+def extensions_dir() -> Path:
+    """The folder .ci/run gives this checkout: one per checkout, as a build names its venv's paths."""
+    key = hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "dylora-moe" / "torch_extensions" / key
+
+
 def env(tmp: Path) -> dict:
     e = dict(os.environ)
     e.update({
@@ -47,9 +54,8 @@ def env(tmp: Path) -> dict:
         "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_CACHE_DIR": str(tmp), "WANDB_SILENT": "true",
         "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-        # DeepSpeedCPUAdam compiles once (~40 s) into a stable cache shared by all tests and runs
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                               str(Path.home() / ".cache" / "dylora-moe" / "torch_extensions")),
+        # DeepSpeed's CPU ops compile once into a stable cache shared by all tests and runs (.ci/run's folder)
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(extensions_dir())),
     })
     return e
 
