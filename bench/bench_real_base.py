@@ -11,7 +11,7 @@ Columns:
 - loss: validation loss per source (the mean over seeds, [min-max]); vs lora: the mean
   over sources of loss / the LoRA's; < 1 = the mixture wins.
 - params: trainable parameters; the LoRA's rank is the smallest whose parameters are at
-  least the mixture's (its own routers included).
+  least those of the first mixture variant asked (its own routers included).
 - least used: the smallest mean gate of an expert over the validation rows; separation:
   total variation between the two sources' mean gates (0 = the same experts, 1 = disjoint).
 - s/step: median seconds per optimizer step.
@@ -97,15 +97,21 @@ def trainable_parameters(overrides: list[str]) -> int:
     from dylora_moe.recipe import load_recipe
 
     cfg = load_recipe(str(RECIPE), overrides)
-    hf_config, _ = resolve_base_config(cfg.model)
-    return sum(p.numel() for p in meta_moe(hf_config, cfg.moe).trainable_parameters())
+    key = (cfg.model.base_model, cfg.model.gguf_file)
+    if key not in BASE_CONFIGS:  # a GGUF file's header takes ~10 s to parse (its vocabulary)
+        BASE_CONFIGS[key] = resolve_base_config(cfg.model)[0]
+    return sum(p.numel() for p in meta_moe(BASE_CONFIGS[key], cfg.moe).trainable_parameters())
 
 
-def lora_rank(common: list[str]) -> int:
-    """The smallest LoRA rank with at least the mixture's trainable parameters."""
-    target = trainable_parameters(common + VARIANTS["mixture"])
-    per_rank = trainable_parameters(common + VARIANTS["lora"] + ["--lora_r", "1"])
-    return math.ceil(target / per_rank)
+BASE_CONFIGS: dict = {}
+
+
+def lora_rank(common: list[str], mixture: str) -> int:
+    """The smallest LoRA rank with at least this mixture variant's trainable parameters."""
+    target = trainable_parameters(common + VARIANTS[mixture])
+    one, two = (trainable_parameters(common + VARIANTS["lora"] + ["--lora_r", str(r)]) for r in (1, 2))
+    per_rank = two - one  # the rest (its one-expert router) does not grow with the rank
+    return math.ceil((target - (one - per_rank)) / per_rank)
 
 
 def train(out: Path, overrides: list[str], seed: int) -> None:
@@ -206,9 +212,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common = offline_base() + data_overrides() + (["--max_steps", str(args.steps)] if args.steps else [])
     common += args.extra.split()
-    # the LoRA's rank comes from the recipe's mixture, which --extra may make invalid (say a k-means
-    # router init, which per-layer routers refuse) for runs that train no LoRA
-    rank = lora_rank(common) if "lora" in args.variants else None
+    # the LoRA's budget is the first mixture asked (one router per sequence has fewer parameters than
+    # a router per layer); computed only for a LoRA run, as --extra may make the recipe's mixture
+    # invalid (say a k-means router init, which per-layer routers refuse)
+    mixtures = [v for v in args.variants if v.startswith("mixture")] or ["mixture"]
+    rank = lora_rank(common, mixtures[0]) if "lora" in args.variants else None
     lora = ["--lora_r", str(rank), "--learning_rate", args.lora_lr] if rank else []
     overrides = {name: common + extra + (lora if name == "lora" else [])
                  for name, extra in VARIANTS.items() if extra is not None}

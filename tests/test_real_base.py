@@ -129,3 +129,22 @@ def test_a_file_that_is_not_gguf_is_one_line(smollm2, data_dir, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("error: model.gguf_file:")
     assert "is not a GGUF file" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_benchmarks_lora_has_the_compared_mixtures_budget(smollm2, data_dir, monkeypatch):
+    """bench_real_base.py's claim "one LoRA of the same trainable parameters": its rank is the
+    smallest whose parameters reach the mixture asked for, and one rank less falls short."""
+    monkeypatch.setenv("DYLORA_DATA_DIR", str(data_dir))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_real_base as bench
+
+    common = ["--base_model", str(smollm2), "--gguf_file", GGUF, *bench.data_overrides()]
+    ranks = {}
+    for mixture in ("mixture", "mixture-sequence"):
+        budget = bench.trainable_parameters(common + bench.VARIANTS[mixture])
+        rank = ranks[mixture] = bench.lora_rank(common, mixture)
+        lora = common + bench.VARIANTS["lora"]
+        assert bench.trainable_parameters(lora + ["--lora_r", str(rank)]) >= budget
+        assert bench.trainable_parameters(lora + ["--lora_r", str(rank - 1)]) < budget
+    # one router per sequence holds fewer parameters than one in every layer: a smaller LoRA
+    assert ranks["mixture-sequence"] < ranks["mixture"]
