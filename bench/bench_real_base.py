@@ -5,7 +5,7 @@ steps and seeds. Offline it trains on the GGUF copy `dylora-moe fetch smollm2-13
 
     python bench/bench_real_base.py --seeds 0,1                       # losses, ~2 h on 2 cores
     python bench/bench_real_base.py --seeds 0,1 --pass_at_1           # + HumanEval and MBPP, greedy
-    python bench/bench_real_base.py --variants lora,mixture,mixture-sequence --steps 60
+    python bench/bench_real_base.py --variants lora,mixture,mixture-token --steps 60
 
 Columns:
 - loss: validation loss per source (the mean over seeds, [min-max]); vs lora: the mean
@@ -40,12 +40,11 @@ VARIANTS = {
     "base": None,                                           # no training: the base's own numbers
     # one LoRA at its own rate (--lora_lr: 2e-3, the best of {1e-3, 2e-3} in the sweep; 4e-3 measured
     # too, docs/benchmarks.md); the mixture's is the recipe's 1e-3
-    "lora": ["--num_experts", "1", "--routing", "sequence", "--router_input", "embeddings"],
+    "lora": ["--num_experts", "1", "--routing", "sequence", "--router_input", "embeddings", "--router_init", "normal"],
     "mixture": [],                                          # the recipe as shipped
-    # one adapter per request: one router over the base's hidden states, the Switch balance that suits it,
-    # its rows started on k-means clusters of the prompts (the experts then specialise per source)
-    "mixture-sequence": ["--routing", "sequence", "--router_input", "base_hidden", "--balance_coefficient", "0.1",
-                         "--router_init", "kmeans"],
+    # the recipe's alternative: a router in every layer, per token, as MixLoRA, LoRAMoE and HydraLoRA route
+    "mixture-token": ["--routing", "token", "--router_input", "layer", "--router_init", "normal",
+                      "--balance_coefficient", "0.01"],
 }
 PASS_TASKS = {"humaneval": "raw", "mbpp": "bigcode"}
 
@@ -212,9 +211,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common = offline_base() + data_overrides() + (["--max_steps", str(args.steps)] if args.steps else [])
     common += args.extra.split()
-    # the LoRA's budget is the first mixture asked (one router per sequence has fewer parameters than
-    # a router per layer); computed only for a LoRA run, as --extra may make the recipe's mixture
-    # invalid (say a k-means router init, which per-layer routers refuse)
+    # the LoRA's budget is the first mixture asked (a router per layer has more parameters than one
+    # per sequence); computed only for a LoRA run, as --extra may make a mixture invalid (say per-layer
+    # routers with a k-means init, which they refuse)
     mixtures = [v for v in args.variants if v.startswith("mixture")] or ["mixture"]
     rank = lora_rank(common, mixtures[0]) if "lora" in args.variants else None
     lora = ["--lora_r", str(rank), "--learning_rate", args.lora_lr] if rank else []
