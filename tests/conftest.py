@@ -1,11 +1,18 @@
 import contextlib
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 # Tests never touch the network: make any accidental hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# One ninja for every DeepSpeed op build, in this process and every child: the venv's
+# (pip's ninja, 1.13) and the system's (1.11) hash commands differently in .ninja_log, so
+# each took the other's build for a changed command and compiled the ops again.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 import pytest
 import torch
