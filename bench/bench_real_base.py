@@ -39,7 +39,7 @@ SOURCES = ("code_alpaca", "mbpp")
 VARIANTS = {
     "base": None,                                           # no training: the base's own numbers
     # one LoRA at its own rate (--lora_lr: 2e-3, the best of {1e-3, 2e-3} in the sweep; 4e-3 measured
-    # too, docs/benchmarks.md); the mixture's is the recipe's 1e-3
+    # too, docs/benchmarks.md); the mixture's is the recipe's 1e-3; no k-means start (one expert, nothing to split)
     "lora": ["--num_experts", "1", "--routing", "sequence", "--router_input", "embeddings", "--router_init", "normal"],
     "mixture": [],                                          # the recipe as shipped
     # the recipe's alternative: a router in every layer, per token, as MixLoRA, LoRAMoE and HydraLoRA route
