@@ -90,6 +90,9 @@ def data_overrides() -> list[str]:
     return ["--sources", "[" + ", ".join(f"{{name: {n}, path: '{p}'}}" for n, p in files.items()) + "]"]
 
 
+BASE_CONFIGS: dict = {}  # (base_model, gguf_file) -> its HF config
+
+
 def trainable_parameters(overrides: list[str]) -> int:
     """Of the recipe with these overrides, on the meta device (nothing allocated)."""
     from dylora_moe.plan.shape import meta_moe, resolve_base_config
@@ -100,9 +103,6 @@ def trainable_parameters(overrides: list[str]) -> int:
     if key not in BASE_CONFIGS:  # a GGUF file's header takes ~10 s to parse (its vocabulary)
         BASE_CONFIGS[key] = resolve_base_config(cfg.model)[0]
     return sum(p.numel() for p in meta_moe(BASE_CONFIGS[key], cfg.moe).trainable_parameters())
-
-
-BASE_CONFIGS: dict = {}
 
 
 def lora_rank(common: list[str], mixture: str) -> int:

@@ -70,8 +70,7 @@ def test_gpu_session_script_runs_every_step(tmp_path):
     """bench/gpu_session.sh is what a lent GPU's few minutes run: every step of it runs
     here at the tiny shape (compile switched off: inductor needs a minute on CPU), so a
     typo cannot waste them. Its step profile accounts for the time by group."""
-    env = dict(os.environ, GPU_SESSION_SHAPE="tiny", TORCH_COMPILE_DISABLE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, GPU_SESSION_SHAPE="tiny", TORCH_COMPILE_DISABLE="1")  # python: the venv's (conftest)
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), str(tmp_path), "300"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr

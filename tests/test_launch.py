@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from trainrun import ROOT, SMALL, VENV_BIN, env, final_record, free_port
+from trainrun import ROOT, SMALL, env, final_record, free_port
 
 from dylora_moe.vertex import cluster, entrypoint, submit
 
@@ -84,8 +84,7 @@ def two_nodes(tmp_path, train_args: list, extra_env: dict | None = None) -> list
     """Two entrypoint processes, one per "node", with CLUSTER_SPECs pointing at 127.0.0.1;
     both must exit 0. -> their outputs (chief first)."""
     base = {"cluster": {"workerpool0": [f"127.0.0.1:{free_port()}"], "workerpool1": ["127.0.0.1:1"]}}
-    e = {**env(tmp_path), **(extra_env or {})}
-    e["PATH"] = f"{VENV_BIN}{os.pathsep}{e['PATH']}"
+    e = {**env(tmp_path), **(extra_env or {})}  # the venv's bin is first on PATH (conftest)
     args = [sys.executable, "-m", "dylora_moe.vertex.entrypoint", *SMALL, *train_args]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**e, "CLUSTER_SPEC": json.dumps({**base, "task": {"type": t, "index": 0}})})
