@@ -10,7 +10,7 @@ from conftest import make_base, make_batch, make_moe, randomize_experts
 from dylora_moe import DyLoRAMoE, MoEConfig
 from dylora_moe.errors import UserError
 from dylora_moe.model.gating import gate_weights
-from dylora_moe.model.kmeans import init_from_clusters, spherical_kmeans
+from dylora_moe.model.kmeans import rows_from_clusters, spherical_kmeans
 
 SAME_IN_BOTH = ["dense", "top_k", "straight_through"]
 
@@ -172,8 +172,11 @@ def test_spherical_kmeans_recovers_separated_clusters_deterministically():
 def test_router_from_clusters_sends_each_cluster_to_its_own_expert_and_survives_saving(tmp_path):
     moe = make_moe(num_experts=4)
     x, labels = clustered(hidden=64)
-    sizes = init_from_clusters(moe.router, x, scale=2.0, seed=0)
+    weight, center, sizes = rows_from_clusters(x, 4, scale=2.0, seed=0)
     assert sizes.tolist() == [40, 40, 40, 40]
+    with torch.no_grad():
+        moe.router.gate.weight.copy_(weight)
+        moe.router.feature_center.copy_(center)
     moe.eval()
     with torch.no_grad():
         routed = moe.router(x.unsqueeze(1)).argmax(-1).flatten()

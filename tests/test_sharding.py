@@ -8,6 +8,7 @@ the fraction of the base each rank holds (measured on the tensors), the portable
 the novelty trigger, generation, a 4-bit base, and the refusals."""
 import json
 import math
+import re
 import subprocess
 
 import pytest
@@ -255,7 +256,6 @@ def test_a_nonfinite_micro_batch(backend, modes, tmp_path):
     ("zero3", ["--load_in_8bit"], "model.load_in_8bit cannot be sharded under zero3"),
     ("fsdp2", ["--load_in_8bit"], "model.load_in_8bit cannot be sharded under fsdp2"),
     ("fsdp1", [], "fsdp_version 1 is not supported"),
-    ("zero3", ["--router_init", "kmeans"], "moe.router_init='kmeans' cannot run under ZeRO-3"),
 ])
 def test_what_a_sharded_base_refuses_is_one_line(backend, overrides, message):
     """The checks the loop makes before any data is read (train/sharding.py)."""
@@ -270,6 +270,37 @@ def test_what_a_sharded_base_refuses_is_one_line(backend, overrides, message):
     with pytest.raises(ValueError, match="cannot run under FSDP2"):
         sharding.check_growth("fsdp2", 1)
     sharding.check_growth("zero3", 1)
+
+
+KMEANS = EQUAL + ["--router_init", "kmeans", "--max_steps", "2", "--save_every", "2", "--eval_every", "2"]
+
+
+def kmeans_start(done) -> str:
+    found = re.findall(r"router initialised from k-means of (\d+ routing units .*cluster sizes \[[^]]*\])",
+                       done.stderr)
+    assert len(found) == 1, explain(done)
+    return found[0]
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_a_kmeans_router_start_under_a_sharded_base_is_the_one_process_start(backend, modes, tmp_path):
+    """ZeRO-3 clusters after prepare (its base is only partitions before) and writes the
+    rows into the module and the optimizer's master copy; FSDP2 clusters before sharding.
+    Both must train from the router one process starts from: a row left in the module
+    alone would be overwritten by the master copy at the first step."""
+    single = run("single", SMALL + KMEANS + ["--train_batch_size", "8", "--output_dir", str(tmp_path / "one")],
+                 tmp_path)
+    assert single.returncode == 0, explain(single)
+    sharded = run(modes[backend], SMALL + KMEANS + ["--output_dir", str(tmp_path / "run")], tmp_path, timeout=300)
+    assert sharded.returncode == 0, explain(sharded)
+    assert kmeans_start(sharded) == kmeans_start(single)
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "run")
+    assert sorted(got) == [1, 2] and all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want)
+    mine, reference = experts(tmp_path / "run" / "final" / "experts"), experts(tmp_path / "one" / "final" / "experts")
+    router = [k for k in reference if k.startswith("router.")]
+    assert "router.gate.weight" in router
+    for key in router:
+        torch.testing.assert_close(mine[key], reference[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,19 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def init_from_clusters(router, features: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
-    """Point expert e's row of `router` at the e-th spherical k-means cluster of
+def rows_from_clusters(features: torch.Tensor, num_experts: int, scale: float, seed: int):
+    """The router's start: expert e's row points at the e-th spherical k-means cluster of
     `features` (N, H), routing features of training units as the router sees them. The
-    features are normalised as in `router.logits` and centred on their mean (kept in
+    features are normalised as in `router.logits` and centred on their mean (the router's
     feature_center), so a unit at a typical distance from the centre gets logit
-    `scale` * cos(unit, centroid). Returns the cluster sizes."""
+    `scale` * cos(unit, centroid). Returns (gate weight (E, H), feature_center (H,),
+    cluster sizes (E,))."""
     x = F.layer_norm(features.float(), features.shape[-1:])
     center = x.mean(dim=0)
     x = x - center
-    centroids, assignment = spherical_kmeans(F.normalize(x, dim=-1), router.num_experts, seed)
-    router.feature_center.copy_(center)
-    router.gate.weight.copy_(centroids * (scale / x.norm(dim=-1).mean().clamp_min(1e-6)))
-    return torch.bincount(assignment, minlength=router.num_experts)
+    centroids, assignment = spherical_kmeans(F.normalize(x, dim=-1), num_experts, seed)
+    weight = centroids * (scale / x.norm(dim=-1).mean().clamp_min(1e-6))
+    return weight, center, torch.bincount(assignment, minlength=num_experts)
 
 
 def spherical_kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 100):

@@ -20,8 +20,9 @@ from accelerate.utils import broadcast
 from torch.utils.data import DataLoader
 
 from ..data import DataCollator
-from ..model.kmeans import init_from_clusters
+from ..model.kmeans import rows_from_clusters
 from ..model.routing import training_unit_features
+from . import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,25 @@ MAX_UNITS = 8192       # token routing: units kept (seeded subsample) for k-mean
 @torch.no_grad()
 def init_router_from_data(moe, dataset, tokenizer, cfg, accelerator) -> list[int]:
     """Cluster the routing features of the first SAMPLE_ROWS training rows and initialise
-    the router from the clusters (model/kmeans.py). Returns the cluster sizes."""
-    moe.to(accelerator.device)
+    the router from the clusters (model/kmeans.py). Returns the cluster sizes.
+
+    Called before accelerator.prepare, so that the optimizer's master copy starts from
+    these rows, except under ZeRO-3: there the base is only this rank's partitions until
+    DeepSpeed's hooks gather each layer for its forward, so the pass runs after prepare
+    and the rows are written into the module and the master copy (sharding.write_full)."""
+    gate = moe.router.gate.weight
+    if not sharding.is_partitioned(gate):
+        moe.to(accelerator.device)
     features = _training_features(moe, dataset, tokenizer, cfg, accelerator)
-    sizes = init_from_clusters(moe.router, features, cfg.moe.router_init_scale, cfg.train.seed)
-    _broadcast_router(moe.router, accelerator)
+    weight, center, sizes = rows_from_clusters(features, moe.router.num_experts, cfg.moe.router_init_scale,
+                                               cfg.train.seed)
+    if accelerator.num_processes > 1:  # every rank starts from rank 0's router
+        weight, center = (broadcast(t.contiguous(), from_process=0) for t in (weight, center))
+    moe.router.feature_center.copy_(center)
+    if sharding.is_partitioned(gate):
+        sharding.write_full(gate, weight)
+    else:
+        gate.copy_(weight)
     digest = router_sha256(moe.router)
     if accelerator.is_main_process:
         logger.info("router initialised from k-means of %d routing units of the training data: cluster sizes %s "
@@ -64,16 +79,9 @@ def _training_features(moe, dataset, tokenizer, cfg, accelerator) -> torch.Tenso
     return features
 
 
-def _broadcast_router(router, accelerator) -> None:
-    if accelerator.num_processes == 1:
-        return
-
-    for tensor in (router.gate.weight, router.feature_center):
-        tensor.data.copy_(broadcast(tensor.data.clone(), from_process=0))
-
-
 def router_sha256(router) -> str:
+    """Of the router's rows and feature centre (a collective under a sharded base)."""
     digest = hashlib.sha256()
-    for tensor in (router.gate.weight, router.feature_center):
+    for tensor in (sharding.full_value(router.gate.weight), router.feature_center):
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()

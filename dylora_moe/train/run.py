@@ -134,8 +134,8 @@ def build_run(cfg: RunConfig, lock: RunLock) -> Run:
     moe = build.build_moe(cfg, base)
     sharding.prepare_model(moe, accelerator, backend)
     train_loader, eval_loaders = build.build_loaders(cfg, bundle, tokenizer)
-    if resume_from is None and cfg.moe.router_init == "kmeans":
-        # Before prepare: DeepSpeed's fp32 master copy must start from these rows.
+    kmeans = resume_from is None and cfg.moe.router_init == "kmeans"
+    if kmeans and backend != sharding.ZERO3:  # before prepare: the master copy starts from these rows
         router_init.init_router_from_data(moe, bundle.train, tokenizer, cfg, accelerator)
 
     cpu_offload = deepspeed and offloads_optimizer(
@@ -146,6 +146,8 @@ def build_run(cfg: RunConfig, lock: RunLock) -> Run:
     # The schedule drives our own optimizer object, which DeepSpeed steps as is.
     model, optimizer, train_loader = accelerator.prepare(moe, raw_optimizer, train_loader)
     sharding.after_prepare(model, accelerator, backend)
+    if kmeans and backend == sharding.ZERO3:  # the pass needs DeepSpeed's hooks to gather the base
+        router_init.init_router_from_data(moe, bundle.train, tokenizer, cfg, accelerator)
     eval_loaders = {name: accelerator.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
     epoch_steps = max(1, math.floor(t.num_epochs * len(train_loader) / t.gradient_accumulation_steps))
     schedule, state = Schedule(cfg), TrainState()  # the schedule is built once the phase is known

@@ -104,10 +104,6 @@ def check_supported(cfg, backend: str) -> None:
         raise UserError(f"model.load_in_8bit cannot be sharded under {backend} (LLM.int8 keeps each weight's row "
                         "scales beside it, which a flat split of the weight loses); use model.load_in_4bit, "
                         "or a replicated config (zero2_offload, multi_gpu)")
-    if backend == ZERO3 and cfg.moe.router_init == "kmeans":
-        raise UserError("moe.router_init='kmeans' cannot run under ZeRO-3 (its clustering pass runs the base before "
-                        "DeepSpeed has wrapped it, when a ZeRO-3 base is only this rank's partitions); use "
-                        "router_init: normal there, or accelerate_configs/fsdp2.yaml")
     if backend != FSDP2:
         return
     if cfg.train.optimizer != "adamw":
