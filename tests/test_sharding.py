@@ -282,21 +282,29 @@ def kmeans_start(done) -> str:
     return found[0]
 
 
+@pytest.fixture(scope="module")
+def kmeans_one_process(tmp_path_factory):
+    """The k-means-started run on one process, 1 x 8 rows: (its output, its run dir)."""
+    tmp = tmp_path_factory.mktemp("kmeans-single")
+    done = run("single", SMALL + KMEANS + ["--train_batch_size", "8", "--output_dir", str(tmp / "one")], tmp)
+    assert done.returncode == 0, explain(done)
+    return done, tmp / "one"
+
+
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_a_kmeans_router_start_under_a_sharded_base_is_the_one_process_start(backend, modes, tmp_path):
+def test_a_kmeans_router_start_under_a_sharded_base_is_the_one_process_start(backend, modes, kmeans_one_process,
+                                                                              tmp_path):
     """ZeRO-3 clusters after prepare (its base is only partitions before) and writes the
     rows into the module and the optimizer's master copy; FSDP2 clusters before sharding.
     Both must train from the router one process starts from: a row left in the module
     alone would be overwritten by the master copy at the first step."""
-    single = run("single", SMALL + KMEANS + ["--train_batch_size", "8", "--output_dir", str(tmp_path / "one")],
-                 tmp_path)
-    assert single.returncode == 0, explain(single)
+    single, one = kmeans_one_process
     sharded = run(modes[backend], SMALL + KMEANS + ["--output_dir", str(tmp_path / "run")], tmp_path, timeout=300)
     assert sharded.returncode == 0, explain(sharded)
     assert kmeans_start(sharded) == kmeans_start(single)
-    want, got = losses(tmp_path / "one"), losses(tmp_path / "run")
+    want, got = losses(one), losses(tmp_path / "run")
     assert sorted(got) == [1, 2] and all(got[s] == pytest.approx(want[s], rel=1e-5) for s in want)
-    mine, reference = experts(tmp_path / "run" / "final" / "experts"), experts(tmp_path / "one" / "final" / "experts")
+    mine, reference = experts(tmp_path / "run" / "final" / "experts"), experts(one / "final" / "experts")
     router = [k for k in reference if k.startswith("router.")]
     assert "router.gate.weight" in router
     for key in router:
