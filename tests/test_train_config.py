@@ -17,7 +17,9 @@ def test_shipped_recipes_parse():
     assert real.model.base_model == "google/codegemma-2b"
     assert (real.moe.num_experts, real.train.train_batch_size, real.train.gradient_accumulation_steps) == (4, 2, 32)
     assert real.train.bf16 and real.data.interleaved_sampling and real.train.cosine_restarts == 2
-    assert (real.moe.gating, real.moe.balance_coefficient) == ("dense", 0.1)
+    # the measured routing on a real base: k-means-started sequence router, weak balance (design.md, routing)
+    assert (real.moe.gating, real.moe.routing, real.moe.router_init) == ("dense", "sequence", "kmeans")
+    assert real.moe.balance_coefficient == 0.01
     assert real.data.mbpp_split == "official"  # eval scores MBPP on the official test tasks
     assert [s.name for s in real.data.sources] == ["code_alpaca", "mbpp"]
     qlora = load_recipe(str(ROOT / "configs" / "codegemma-2b-qlora.yaml"))
