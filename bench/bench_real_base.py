@@ -15,9 +15,10 @@ Columns:
 - least used: the smallest mean gate of an expert over the validation rows; separation:
   total variation between the two sources' mean gates (0 = the same experts, 1 = disjoint).
 - s/step: median seconds per optimizer step.
-- pass@1 (seed 0 only, once): HumanEval (164 problems, raw prompt: the signature and
-  docstring to complete) and MBPP (the 500 official test tasks 11-510, bigcode prompt:
-  the task and its tests in a docstring), greedy, 384 new tokens at most.
+- pass@1 (seed 0 only, once): HumanEval (164 problems) and MBPP (the 500 official test
+  tasks 11-510), both as bigcode-evaluation-harness prompts them (HumanEval: the signature
+  and docstring, stripped; MBPP: the task and its first test in a docstring), greedy, 384
+  new tokens at most.
 Needs DYLORA_DATA_DIR (code_alpaca_2k.json, mbpp.jsonl). Finished runs are reused.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ VARIANTS = {
     "mixture-token": ["--routing", "token", "--router_input", "layer", "--router_init", "normal",
                       "--balance_coefficient", "0.01"],
 }
-PASS_TASKS = {"humaneval": "raw", "mbpp": "bigcode"}
+PASS_TASKS = {"humaneval": "bigcode", "mbpp": "bigcode"}
 
 
 def parse_args(argv=None):

@@ -82,6 +82,22 @@ def test_batched_generation_equals_one_prompt_at_a_time(trained):
     assert len(set(sampled[0][0])) > 1  # n draws, not one copied
 
 
+def test_stop_strings_match_only_the_new_text(trained):
+    """A stop string that spans the end of the prompt and the first new characters must not
+    end generation (transformers' own stop_strings do); one inside the new text cuts it."""
+    loaded = load_run(trained)
+    prompt = "### Instruction:\nWrite a function add_3(xs).\n\n### Response:\n"
+    config = generation_config(loaded.tokenizer, max_new_tokens=16)
+    [([free], _)] = generate_batch(loaded, [prompt], config)
+    across = prompt[-3:] + free[:2]
+    assert len(free) > 6 and across not in free
+    [([text], _)] = generate_batch(loaded, [prompt], config, stop=(across,))
+    assert text == free
+    inside = free[3:6]
+    [([cut], _)] = generate_batch(loaded, [prompt], config, stop=(inside,))
+    assert cut == free[:free.find(inside)]
+
+
 @pytest.mark.parametrize("flags,message", [(["--temperature", "-1"], "--temperature -1.0: expected >= 0"),
                                            (["--top_p", "2"], "--top_p 2.0: expected 0 < top_p <= 1"),
                                            (["--max_new_tokens", "0"], "--max_new_tokens 0: expected an integer >= 1")])

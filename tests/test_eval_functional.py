@@ -119,7 +119,8 @@ BAD_FLAGS = [
     (["--batch_size", "0"], "--batch_size 0: expected an integer >= 1"),
     (["--tasks", "apps"], "--tasks 'apps': expected mbpp, humaneval or demo"),
     (["--tasks", "humaneval", "--prompt_format", "3shot"], "--prompt_format 3shot: not available for humaneval"),
-    (["--tasks", "mbpp", "--prompt_format", "humaneval=raw"], "'humaneval' is not in --tasks"),
+    (["--tasks", "mbpp", "--prompt_format", "humaneval=bigcode"], "'humaneval' is not in --tasks"),
+    (["--tasks", "humaneval", "--prompt_format", "raw"], "--prompt_format raw: not available for humaneval"),
 ]
 
 
@@ -139,8 +140,9 @@ def test_tasks_and_prompt_formats(specialised, capsys):
     from dylora_moe.eval import run_program
 
     assert run_program(program).passed  # the canonical solution passes through our harness
-    raw = load_tasks("humaneval", None, 2, "raw")
-    assert [t.prompt for t in raw] == [t.problem["prompt"] for t in humaneval[:2]] and raw[0].format == "raw"
+    bigcode = load_tasks("humaneval", None, 2, "bigcode")
+    assert [t.prompt for t in bigcode] == [t.problem["prompt"].strip() for t in humaneval[:2]]
+    assert bigcode[0].format == "bigcode" and not bigcode[0].prompt.endswith("\n")
 
 
 def test_mbpp_tasks_default_to_the_official_test_split(shared_file):

@@ -50,15 +50,19 @@ def test_all_164_humaneval_solutions_pass_in_both_forms_and_wrong_ones_fail_even
 
 def test_humaneval_formats_build_the_programs_their_harnesses_do():
     instruct = load_tasks("humaneval", None)
-    raw = load_tasks("humaneval", None, fmt="raw")
-    assert raw[0].prompt == problems()[0]["prompt"] and "### Instruction" in instruct[0].prompt
-    p = raw[10].problem
-    # raw: the body, and whatever the model writes after it is cut at the Codex stop sequences
-    ok = raw[10].program(p["canonical_solution"] + "\n\ndef unrelated():\n    raise SystemExit\n")
-    cut = raw[10].program(p["canonical_solution"] + "\n# tests\nassert False\n")
+    bigcode = load_tasks("humaneval", None, fmt="bigcode")
+    assert bigcode[0].prompt == problems()[0]["prompt"].strip() and "### Instruction" in instruct[0].prompt
+    p = bigcode[10].problem
+    # bigcode: the stripped prompt continued from its closing quotes; whatever the model
+    # writes after the body is cut at that harness's stop words
+    body = "\n" + p["canonical_solution"]
+    ok = bigcode[10].program(body + "\n\ndef unrelated():\n    raise SystemExit\n")
+    cut = bigcode[10].program(body + "\n# tests\nassert False\n")
+    decorated = bigcode[10].program(body + "\n@unknown_decorator\ndef later():\n    pass\n")
     # instruct: a fenced whole function, helpers from the prompt
     fenced = instruct[10].program("Here it is:\n```python\n" + entry_point_only(p) + "\n```\nDone.")
-    assert all(r.passed for r in run_many([ok, cut, fenced], LIMITS))
+    assert all(r.passed for r in run_many([ok, cut, decorated, fenced], LIMITS))
+    assert not run_many([bigcode[10].program("\n    return None\n")], LIMITS)[0].passed
 
 
 def mbpp_recipe(shared_file):

@@ -6,8 +6,8 @@
 
 --compare scores the routed mixture, each expert alone, the uniform mix and the base
 model on the same prompts with the same decoding settings. --prompt_format picks how
-tasks are put to the model (eval/prompts.py): instruct (ours, default), bigcode or 3shot
-for MBPP, raw for HumanEval; or per task, e.g. mbpp=3shot,humaneval=raw. Every sample
+tasks are put to the model (eval/prompts.py): instruct (ours, default), bigcode (MBPP and
+HumanEval) or 3shot (MBPP); or per task, e.g. mbpp=3shot,humaneval=bigcode. Every sample
 is one line of samples.jsonl; an eval into the same folder resumes, reusing only samples
 made with the same weights, tasks, prompt format, decoding and limits. The summary
 records the experts' folder, the sha256 of exactly the weights that were scored, every
@@ -146,7 +146,7 @@ def _generate(loaded, batch, name: str, decoding: Decoding) -> list[tuple]:
     # the same draws whenever this batch is generated again
     torch.manual_seed(zlib.crc32(f"{name}/{batch[0].id}/{len(batch)}".encode()))
     config = generation_config(loaded.tokenizer, decoding.max_new_tokens, decoding.temperature, decoding.top_p,
-                               decoding.n, batch[0].stops)
+                               decoding.n)
     variant = resolve(name, loaded.moe.config.num_experts)
     return generate_batch(loaded, [t.prompt for t in batch], config, variant, batch[0].stops, n=decoding.n)
 
@@ -205,7 +205,7 @@ def parse_args(argv):
     p.add_argument("run", help="a run dir, a checkpoint, or a portable folder")
     p.add_argument("--tasks", default="mbpp,humaneval", help="comma-separated: mbpp, humaneval, demo")
     p.add_argument("--prompt_format", default="instruct",
-                   help="instruct (default), bigcode / 3shot (mbpp), raw (humaneval); or per task: mbpp=3shot,humaneval=raw")
+                   help="instruct (default), bigcode (mbpp, humaneval), 3shot (mbpp); or per task: mbpp=3shot,humaneval=bigcode")
     p.add_argument("--n", type=int, default=1, help="samples per task")
     p.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= n)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

