@@ -6,6 +6,7 @@ Needs the fetched file: .ci/run fetches it and sets DYLORA_SMOLLM2_DIR. Unset, t
 are skipped saying why; set but missing, they fail (a broken CI cannot pass by skipping).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,3 +149,24 @@ def test_the_benchmarks_lora_has_the_compared_mixtures_budget(smollm2, data_dir,
         assert bench.trainable_parameters(lora + ["--lora_r", str(rank - 1)]) < budget
     # the recipe's one router per sequence holds fewer parameters than one in every layer: a smaller LoRA
     assert ranks["mixture"] < ranks["mixture-token"]
+
+
+def test_the_benchmarks_paired_pass_test_is_exact_mcnemar(monkeypatch):
+    """The benchmark's "within chance" for pass@1: the exact two-sided binomial test on the
+    tasks only one side solves, which a brute-force count over every split must equal."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_real_base as bench
+
+    def brute(only_a: int, only_b: int) -> float:
+        n = only_a + only_b  # under the null each discordant task is a fair coin
+        as_uneven = [k for k in range(n + 1) if abs(2 * k - n) >= abs(2 * only_a - n)]
+        return min(1.0, sum(math.comb(n, k) for k in as_uneven) / 2 ** n)
+
+    for only_a, only_b in ((0, 5), (10, 13), (9, 9), (3, 0), (1, 12)):
+        ours = [f"t{i}" for i in range(only_a)] + ["both"]
+        lora = [f"u{i}" for i in range(only_b)] + ["both"]
+        split = bench.paired(ours, lora)
+        assert (split["only_this"], split["only_lora"]) == (only_a, only_b)
+        assert split["mcnemar_p"] == pytest.approx(brute(only_a, only_b))
+    assert bench.paired(["a"], ["a"])["mcnemar_p"] == 1.0
+    assert bench.paired([], [f"u{i}" for i in range(8)])["mcnemar_p"] < 0.01  # 0 of 8 is no coin
