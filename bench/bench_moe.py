@@ -32,6 +32,10 @@ SHAPES = {
                   batch=2, seq=128),
     "tiny": dict(config=lambda: tiny_config("gemma", vocab_size=256), batch=2, seq=16),  # smoke test
     "codegemma-2b": dict(config=codegemma_2b_config, batch=4, seq=1024),
+    # SmolLM2-135M's (configs/smollm2-135m.yaml): 30 thin layers, so a step is many small kernels
+    "smollm2-135m": dict(config=lambda: tiny_config("llama", vocab_size=49152, hidden_size=576, num_layers=30,
+                                                    num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536,
+                                                    max_positions=8192), batch=8, seq=384),
 }
 
 

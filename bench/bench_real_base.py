@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="pass@1 on the first N tasks only (a quick check)")
     p.add_argument("--extra", default="", help="more recipe overrides for every trained run")
     p.add_argument("--lora_lr", default="2e-3", help="the LoRA's learning rate")
+    p.add_argument("--base_dir", help="a model folder instead of the fetched GGUF (bench/random_base.py: the "
+                                      "real shape with random weights, for seconds per step on a GPU)")
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "real-base"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "real-base.json"))
     args = p.parse_args(argv)
@@ -141,7 +143,9 @@ def trained_row(out: Path) -> dict:
     return {"loss": {s: final[s]["loss"] for s in SOURCES}, "usage": usage,
             "least_used": min(statistics.mean(u) for u in zip(*usage)),
             "separation": 0.5 * sum(abs(a - b) for a, b in zip(*usage)),
-            "seconds_per_step": statistics.median(times) if times else None}
+            "seconds_per_step": statistics.median(times) if times else None,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records if "tokens_per_s" in r),
+            "memory_gib": max(r["memory_gib"] for r in records if "memory_gib" in r)}
 
 
 def base_row(run: Path) -> dict:
@@ -194,7 +198,7 @@ def combine(rows: list[dict]) -> dict:
     out = {"seeds": len(rows), "per_seed": rows}
     out["loss"] = {s: statistics.mean(r["loss"][s] for r in rows) for s in SOURCES}
     out["range"] = {s: (min(r["loss"][s] for r in rows), max(r["loss"][s] for r in rows)) for s in SOURCES}
-    for key in ("params", "least_used", "separation", "seconds_per_step"):
+    for key in ("params", "least_used", "separation", "seconds_per_step", "tokens_per_s", "memory_gib"):
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             out[key] = statistics.mean(values)
@@ -221,9 +225,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_of(variant: str, trained: list[str], work: Path, seed: int) -> Path:
+    """The run a variant's numbers come from; the base borrows the first trained one's."""
+    return work / (variant if variant != "base" else (trained[0] if trained else "base")) / f"seed{seed}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    common = offline_base() + data_overrides() + (["--max_steps", str(args.steps)] if args.steps else [])
+    base = ["--base_model", args.base_dir] if args.base_dir else offline_base()
+    common = base + data_overrides() + (["--max_steps", str(args.steps)] if args.steps else [])
     common += args.extra.split()
     # the LoRA's budget is the first mixture asked (a router per layer has more parameters than one
     # per sequence); computed only for a LoRA run, as --extra may make a mixture invalid (say per-layer
@@ -243,12 +253,14 @@ def main(argv=None) -> int:
             rows.append({**trained_row(run), "params": trainable_parameters(overrides[name])})
         results[name] = combine(rows)
     if "base" in args.variants:
-        reference = work / (trained[0] if trained else "lora") / f"seed{args.seeds[0]}"
-        train(reference, overrides[trained[0] if trained else "lora"], args.seeds[0])
-        results = {"base": combine([base_row(reference)]), **results}
+        # the base's numbers need a run's data and tokenizer, not its experts (switched off):
+        # a trained variant's run, or alone a one-step run of its own
+        train(run_of("base", trained, work, args.seeds[0]),
+              overrides[trained[0]] if trained else overrides["lora"] + ["--max_steps", "1"], args.seeds[0])
+        results = {"base": combine([base_row(run_of("base", trained, work, args.seeds[0]))]), **results}
     if args.pass_at_1:
         for name in args.variants:
-            run = work / (name if name != "base" else (trained[0] if trained else "lora")) / f"seed{args.seeds[0]}"
+            run = run_of(name, trained, work, args.seeds[0])
             results[name]["pass_at_1"], results[name]["solved"] = pass_at_1(run, name, args.pass_tasks, args.limit)
         for name in results:
             if name != "lora" and "lora" in results:
@@ -257,7 +269,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"recipe": str(RECIPE.relative_to(ROOT)), "seeds": args.seeds, "steps": args.steps,
-                               "lora_rank": rank, "extra": args.extra, "results": results,
+                               "lora_rank": rank, "extra": args.extra, "base_dir": args.base_dir, "results": results,
                                "wall_s": time.time() - started}, indent=2) + "\n")
     print(f"\n## SmolLM2-135M-Instruct, Code Alpaca + MBPP (seeds {args.seeds}; LoRA rank {rank})\n\n{table(results)}")
     for name, r in results.items():

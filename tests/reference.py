@@ -20,7 +20,7 @@ def reference_forward(moe, input_ids, attention_mask=None, labels=None, prompt_m
     num_experts = moe.config.num_experts
     mixed = None
     for e in range(num_experts):
-        moe.set_gates(F.one_hot(torch.tensor([e]), num_experts).float().view(1, 1, -1))
+        moe.set_gates(F.one_hot(torch.tensor([e], device=input_ids.device), num_experts).float().view(1, 1, -1))
         logits = moe.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         term = gates[..., e : e + 1] * logits.float()
         mixed = term if mixed is None else mixed + term

@@ -170,3 +170,23 @@ def test_the_benchmarks_paired_pass_test_is_exact_mcnemar(monkeypatch):
         assert split["mcnemar_p"] == pytest.approx(brute(only_a, only_b))
     assert bench.paired(["a"], ["a"])["mcnemar_p"] == 1.0
     assert bench.paired([], [f"u{i}" for i in range(8)])["mcnemar_p"] < 0.01  # 0 of 8 is no coin
+
+
+def test_the_random_base_has_the_real_shape(smollm2, tmp_path, monkeypatch):
+    """bench/random_base.py's claim, that GPU timings on its folder are SmolLM2's: the folder
+    holds the GGUF base's parameters, name for name and shape for shape, and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import random_base
+
+    random_base.skeleton(tmp_path, str(smollm2), GGUF)
+    random_base.weights(tmp_path)
+    shaped = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        real = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2, gguf_file=GGUF))
+    assert {n: p.shape for n, p in shaped.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
+    assert shaped.config.tie_word_embeddings == real.config.tie_word_embeddings
+    text = "def sum_list(xs):\n    return sum(xs)  # <|im_end|>"
+    assert (AutoTokenizer.from_pretrained(tmp_path)(text).input_ids
+            == AutoTokenizer.from_pretrained(smollm2, gguf_file=GGUF)(text).input_ids)
