@@ -103,6 +103,26 @@ def test_infinite_loop_times_out():
     assert not result.passed and result.error == "timeout" and result.duration_s < 10
 
 
+def test_a_deadline_that_passes_while_the_sandbox_is_set_up_is_a_timeout():
+    # A microsecond deadline expires before any program starts: each must still read as a
+    # timeout, never as a broken sandbox (which makes eval refuse the whole batch).
+    results = run_many(["print('never')\n"] * 12, Limits(timeout_s=1e-6))
+    assert [r.error for r in results] == ["timeout"] * 12
+
+
+def test_a_child_that_ends_before_its_supervisor_waits_is_not_a_timeout():
+    from dylora_moe.eval import _sandbox_child
+
+    for code in (0, 3):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(code)
+        time.sleep(0.2)  # it is a zombie before the wait begins: its SIGCHLD came and went
+        start = time.monotonic()
+        status = _sandbox_child.supervise(pid, {"mode": "namespaces", "timeout_s": 30})
+        assert status == code and time.monotonic() - start < 5
+
+
 def test_fork_bomb_is_contained():
     mark = f"{random.randrange(10**6)}.{random.randrange(10**6)}"
     program = ("import os\nfor _ in range(500):\n    if os.fork() == 0:\n"

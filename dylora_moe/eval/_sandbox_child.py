@@ -27,6 +27,7 @@ import resource
 import shutil
 import signal
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT, SETUP_FAILED = 124, 125
@@ -41,10 +42,6 @@ def load(name: str):
 
 ns = load("_sandbox_ns")
 runner = load("_sandbox_runner")
-
-
-class _Timeout(Exception):
-    pass
 
 
 def supervise_job(config: dict, job: dict, verdict_fd: int, token_fd: int) -> None:
@@ -137,24 +134,38 @@ def set_limits(config: dict) -> None:
 def supervise(pid: int, config: dict) -> int:
     """Wait for the child (init, or the runner in mode none) until the deadline; then
     leave nothing of the sample running. Returns the exit status to report."""
-    def expire(signum, frame):
-        raise _Timeout()
-
-    signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, config["timeout_s"])
-    try:
-        _, status = os.waitpid(pid, 0)
-        code = encode(status) if config["mode"] == "none" else _passed_on(status)
-    except _Timeout:
+    code = _wait_until(pid, time.monotonic() + config["timeout_s"])
+    if code is None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         code = TIMEOUT
-    signal.setitimer(signal.ITIMER_REAL, 0)
+    elif config["mode"] == "none":
+        code = encode(code)
+    else:
+        code = _passed_on(code)
     if config["mode"] == "none":
         _kill_group(pid)
         if config["uid"] is not None:
             reap(config["uid"], config["cleanup_dirs"])
     return code
+
+
+def _wait_until(pid: int, deadline: float) -> int | None:
+    """The child's wait status, or None once the deadline passed with it still running.
+    Synchronous on purpose: an exception raised from a SIGALRM handler could land before
+    the wait's `try` and end this process as a broken sandbox instead of a timeout."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)  # also catches an exit before the block
+            if done:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            signal.sigtimedwait({signal.SIGCHLD}, remaining)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def reap(uid: int, dirs: list) -> None:

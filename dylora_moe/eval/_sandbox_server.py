@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,6 +53,8 @@ def run_job(config: dict, job: dict, max_output: int) -> dict:
             try:
                 _become_job(out.fileno(), err.fileno(), keep=(verdict_w, token_r))
                 child.supervise_job(config, job, verdict_w, token_r)
+            except BaseException:  # noqa: BLE001 - a bug of the sandbox: its traceback goes to the job's stderr
+                traceback.print_exc()
             finally:
                 os._exit(child.SETUP_FAILED)  # never back into the server's loop
         # Made after the fork, so no copy of it is in the program's memory: only in the pipe.
