@@ -66,6 +66,21 @@ def test_routing_bench_runs_and_packed_rows_route_on_their_prompts_only(tmp_path
     assert prompts * 0.9 <= now["routing_pass_tokens"] < before["routing_pass_tokens"]
 
 
+def test_loop_profile_labels_each_part_of_the_real_training_step(tmp_path):
+    out = tmp_path / "loop.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "profile_loop.py"), "--skip", "1", "--steps", "2",
+                    "--out", str(out), "--", "--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "4",
+                    "--output_dir", str(tmp_path / "run"), "--eval_every", "0"],
+                   check=True, cwd=ROOT, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    host = result["host_ms_per_step"]
+    assert result["steps"] == 2 and result["device_ms_per_step"] is None  # CPU: host times only
+    parts = ["routing pass (route)", "LM forward (_lm_forward)", "backward", "optimizer step"]
+    assert all(host[part] > 0 for part in parts)
+    # the parts run one after another inside the step, which the wall clock brackets
+    assert sum(host[part] for part in parts) <= host["loop step"] <= result["wall_ms_per_step"] * 1.01
+
+
 def test_gpu_session_script_runs_every_step(tmp_path):
     """bench/gpu_session.sh is what a lent GPU's few minutes run: every step of it runs
     here at the tiny shape (compile switched off: inductor needs a minute on CPU), so a
