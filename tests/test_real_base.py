@@ -99,7 +99,8 @@ def test_exported_expert_names_its_gguf_base_and_matches_peft(trained, smollm2, 
 
     loaded = load_run(out)
     ids = loaded.tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids
-    with torch.no_grad(), loaded.moe.override_gates(torch.tensor([0.0, 1.0, 0.0, 0.0])):
+    one_hot = torch.nn.functional.one_hot(torch.tensor(1), loaded.moe.config.num_experts).float()
+    with torch.no_grad(), loaded.moe.override_gates(one_hot):
         forced = loaded.moe(input_ids=ids).logits
     base = AutoModelForCausalLM.from_pretrained(smollm2, gguf_file=GGUF, dtype=torch.float32)
     # the dequantized copy the runs loaded holds what transformers makes of the GGUF file, bitwise
