@@ -18,7 +18,6 @@ per step, with the part they happened in. Writes JSON (--out).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import statistics
@@ -125,7 +124,7 @@ def summarise(prof, labels: list[str], steps: int, walls: list[float], cuda: boo
             kernels_ms += ms
             at = launches.get(event.correlation_id())
             for label in device:
-                if at is not None and any(a <= at <= b for a, b in ranges[label]):
+                if at is not None and inside(at, ranges[label]):
                     device[label] += ms
         for event in events:
             name = event.name()
@@ -146,9 +145,13 @@ def summarise(prof, labels: list[str], steps: int, walls: list[float], cuda: boo
 def innermost(at: int, ranges: dict, labels: list[str]) -> str:
     """The first part (of the list, innermost-ish) whose range holds `at`."""
     for label in labels:
-        if any(a <= at <= b for a, b in ranges[label]):
+        if inside(at, ranges[label]):
             return label
-    return "elsewhere in the step" if any(a <= at <= b for a, b in ranges["loop step"]) else "outside the steps"
+    return "elsewhere in the step" if inside(at, ranges["loop step"]) else "outside the steps"
+
+
+def inside(at: int, spans: list) -> bool:
+    return any(start <= at <= end for start, end in spans)
 
 
 def parse_args(argv):
@@ -195,5 +198,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+    sys.exit(main())
