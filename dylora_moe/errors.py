@@ -60,7 +60,7 @@ def guarded(main: Callable[[list], int], argv: list) -> int:
     try:
         return main(argv)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _say("error: interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - classified just below, a bug is re-raised untouched
         message = one_line(e)
@@ -68,8 +68,17 @@ def guarded(main: Callable[[list], int], argv: list) -> int:
             raise
         if os.environ.get("DYLORA_TRACEBACK"):
             traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        _say(f"error: {message}")
         return EXIT_USAGE
+
+
+def _say(line: str) -> None:
+    """Write one line to stderr in a single write. Under `accelerate launch` every
+    process prints the same error into one shared pipe, and Python's stderr is
+    write-through there, so `print` (text, then newline: two writes) let another
+    process's log line land between an error and its newline."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _first_line(error: BaseException) -> str:

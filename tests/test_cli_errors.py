@@ -38,6 +38,24 @@ def test_known_errors_are_one_line_and_exit_2(error, message, capsys):
     assert err.startswith(message) and err.count("\n") == 1, err
 
 
+def test_the_error_line_is_one_write(monkeypatch):
+    # every process of a launch prints its error into one shared pipe: text and newline
+    # in two writes let another process's log line land between them (seen in CI)
+    class Stream:
+        writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stream())
+    assert guarded(raising(UserError("x: bad")), []) == 2
+    assert guarded(raising(KeyboardInterrupt()), []) == 130
+    assert Stream.writes == ["error: x: bad\n", "error: interrupted\n"]
+
+
 def test_cuda_out_of_memory_is_known():
     import torch
 
