@@ -48,3 +48,22 @@ def test_recipe_compile_flag_compiles_the_blocks():
     blocks = decoder_blocks(moe.base_model)
     assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
     assert moe._chunk_loss_fn is None  # on CPU the loss's softmax stays eager (compile_base)
+
+
+def test_a_run_with_evaluation_stays_within_the_recompile_limit(tmp_path, monkeypatch, fresh_accelerate):
+    """The blocks meet about a dozen settings in one run (model/blocks.py); past dynamo's
+    limit the rest would run eager. Here the limit is a hard failure instead."""
+    import torch._dynamo
+
+    from dylora_moe.model.moe import DyLoRAMoE
+    from dylora_moe.train.cli import main as train_main
+
+    compile_base = DyLoRAMoE.compile_base
+    monkeypatch.setattr(DyLoRAMoE, "compile_base", lambda self, compile_loss=None, **kwargs: compile_base(
+        self, compile_loss, backend="aot_eager", **kwargs))  # as in the test above: no C++ build
+    torch._dynamo.reset()  # the blocks' code is shared with other tests' compiled models
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        assert train_main(["--config", "configs/demo.yaml", "--compile", "true", "--packing", "true",
+                           "--max_steps", "2", "--eval_every", "1", "--save_every", "0",
+                           "--output_dir", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "final").is_dir()

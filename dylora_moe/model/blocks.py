@@ -2,7 +2,16 @@
 block, and non-reentrant gradient checkpointing."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+# torch._dynamo compiles a block once per setting it meets, and past its limit (8 by
+# default) further settings run eager, with a warning. One run meets about a dozen: with
+# and without grad (training, the routing pass), train and eval mode, experts on and off,
+# packed rows and padded ones (no mask, a mask), one row at a time in generation, and the
+# first block alone, whose input needs no grad. Measured on the demo with evaluation
+# (tests/test_compile.py).
+RECOMPILE_LIMIT = 32
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -24,6 +33,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     embeddings and the LM head stay eager. Shapes vary batch to batch, and the routing
     pass is shorter than the rows, hence dynamic=True. Returns the number compiled."""
     compile_kwargs.setdefault("dynamic", True)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     blocks = decoder_blocks(model)
     for block in blocks:
         block.compile(**compile_kwargs)
