@@ -51,8 +51,9 @@ def test_recipe_compile_flag_compiles_the_blocks():
 
 
 def test_a_run_with_evaluation_stays_within_the_recompile_limit(tmp_path, monkeypatch, fresh_accelerate):
-    """The blocks meet about a dozen settings in one run (model/blocks.py); past dynamo's
-    limit the rest would run eager. Here the limit is a hard failure instead."""
+    """One run meets more settings of a block than dynamo compiles by default
+    (model/blocks.py), and past that limit the rest would run eager. Here the limit is a
+    hard failure instead."""
     import torch._dynamo
 
     from dylora_moe.model.moe import DyLoRAMoE

@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 # torch._dynamo compiles a block once per setting it meets, and past its limit (8 by
-# default) further settings run eager, with a warning. One run meets about a dozen: with
-# and without grad (training, the routing pass), train and eval mode, experts on and off,
-# packed rows and padded ones (no mask, a mask), one row at a time in generation, and the
-# first block alone, whose input needs no grad. Measured on the demo with evaluation
-# (tests/test_compile.py).
+# default) further settings run eager, with a warning. The demo with evaluation met 9 in six
+# steps: with and without grad (training, the routing pass), train and eval mode, experts on
+# and off, packed rows and padded ones (no mask, a mask), a batch of one row, and the first
+# block alone, whose input needs no grad (tests/test_compile.py).
 RECOMPILE_LIMIT = 32
 
 
