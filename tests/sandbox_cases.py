@@ -22,6 +22,9 @@ CASES = {
     "wrong answer": (Program("def add(a, b):\n    return a - b\n", TESTS), "assertion"),
     "right, then sys.exit(0)": (Program(RIGHT + "import sys\nsys.exit(0)\n", TESTS), "exit"),
     "wrong, then os._exit(0)": (Program("def add(a, b):\n    return 0\nimport os\nos._exit(0)\n", TESTS), "exit"),
+    # the exit codes the sandbox itself uses for a timeout and for a broken sandbox
+    "os._exit(124)": (Program("import os\nos._exit(124)\n"), "exit"),
+    "os._exit(125)": (Program("import os\nos._exit(125)\n"), "exit"),
     "exception": (Program("def add(a, b):\n    return a + c\n", TESTS), "exception"),
     "infinite loop": (Program("while True:\n    pass\n"), "timeout"),
     "3 GiB": (Program("x = bytearray(3 * 2**30)\n"), "memory"),

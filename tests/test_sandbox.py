@@ -110,6 +110,20 @@ def test_a_deadline_that_passes_while_the_sandbox_is_set_up_is_a_timeout():
     assert [r.error for r in results] == ["timeout"] * 12
 
 
+def test_a_runner_that_cannot_be_set_up_reads_as_a_broken_sandbox(tmp_path):
+    # The runner reports its own setup failure on the verdict pipe (its exit code is the
+    # program's to choose); here its working directory is gone before it starts.
+    from dylora_moe.eval import _sandbox_server, sandbox
+
+    config = {"mode": "none", "uid": None, "gid": None, "workdir": str(tmp_path / "gone"), "timeout_s": 30,
+              "env": {}, "memory_bytes": 2**30, "cpu_seconds": 30, "file_bytes": 2**20, "max_processes": 64,
+              "tmpfs_mb": 16, "cleanup_dirs": []}
+    reply = _sandbox_server.run_job(config, {"program": "print('ran')\n", "tests": ""}, 10_000)
+    assert not reply["passed"] and "ran" not in reply["stdout"]
+    assert sandbox._classify(reply["code"], reply["verdict"], reply["stdout_size"], Limits()) == "sandbox"
+    assert "runner setup" in reply["verdict"] and "gone" in reply["verdict"]
+
+
 def test_a_child_that_ends_before_its_supervisor_waits_is_not_a_timeout():
     from dylora_moe.eval import _sandbox_child
 
@@ -119,7 +133,7 @@ def test_a_child_that_ends_before_its_supervisor_waits_is_not_a_timeout():
             os._exit(code)
         time.sleep(0.2)  # it is a zombie before the wait begins: its SIGCHLD came and went
         start = time.monotonic()
-        status = _sandbox_child.supervise(pid, {"mode": "namespaces", "timeout_s": 30})
+        status = _sandbox_child.supervise(pid, {"mode": "namespaces", "deadline": start + 30})
         assert status == code and time.monotonic() - start < 5
 
 

@@ -16,7 +16,10 @@ namespace. In mode none, every process of the slot's uid is killed afterwards an
 files in the world-writable dirs removed.
 
 Exit status: 0 the runner exited (the verdict pipe says how), 128+N the runner was killed
-by signal N, 124 timeout, 125 the sandbox could not be set up (why: on stderr).
+by signal N, 124 timeout, 125 the supervisor or init could not set the sandbox up (why: on
+stderr). The runner's own exit code is never passed on: it is the program's to choose, so
+the runner reports a setup failure, or a deadline that passed before the program could
+start, on the verdict pipe instead.
 Free of project imports; loads its siblings by path.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT, SETUP_FAILED = 124, 125
@@ -47,6 +51,9 @@ runner = load("_sandbox_runner")
 def supervise_job(config: dict, job: dict, verdict_fd: int, token_fd: int) -> None:
     """In a fresh process of the server: isolate, start the tree, supervise it; ends
     the process with the exit status described above."""
+    # The clock starts with the job, so a deadline that passes while the sandbox is being
+    # set up is a timeout however the scheduler orders these processes.
+    config = {**config, "deadline": time.monotonic() + config["timeout_s"]}
     fds = _hide_fds(verdict_fd, token_fd)
     mode = config["mode"]
     try:
@@ -59,7 +66,7 @@ def supervise_job(config: dict, job: dict, verdict_fd: int, token_fd: int) -> No
             ns.unshare(ns.CLONE_NEWUSER | ns.PRIVATE)
             ns.map_to(*outside)
     except OSError as e:
-        _setup_failed(str(e))
+        _setup_failed(str(e), fds)
     pid = os.fork()
     if pid == 0:
         if mode == "none":
@@ -75,7 +82,7 @@ def init(config: dict, job: dict, fds) -> None:
     try:
         work = private_filesystem(config)
     except OSError as e:
-        _setup_failed(str(e))
+        _setup_failed(str(e), fds)
     pid = os.fork()
     if pid == 0:
         start_runner(config, job, work, fds)
@@ -111,8 +118,11 @@ def start_runner(config: dict, job: dict, work: str, fds) -> None:
             _become(config["uid"], config["gid"])
         ns.no_new_privs()
     except OSError as e:
-        print(f"sandbox: runner setup: {e}", file=sys.stderr, flush=True)
-        os._exit(SETUP_FAILED)
+        _setup_failed(f"runner setup: {e}", fds)
+    except BaseException:  # noqa: BLE001 - a bug of the sandbox: it keeps its traceback
+        _setup_failed("runner setup: " + traceback.format_exc(), fds)
+    if time.monotonic() >= config["deadline"]:
+        _verdict(fds, "timeout", "the deadline passed before the program started")
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
@@ -134,7 +144,7 @@ def set_limits(config: dict) -> None:
 def supervise(pid: int, config: dict) -> int:
     """Wait for the child (init, or the runner in mode none) until the deadline; then
     leave nothing of the sample running. Returns the exit status to report."""
-    code = _wait_until(pid, time.monotonic() + config["timeout_s"])
+    code = _wait_until(pid, config["deadline"])
     if code is None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -211,7 +221,7 @@ def encode(status: int) -> int:
     """A runner's wait status as this process's exit code (see the module doc)."""
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
-    return SETUP_FAILED if os.WEXITSTATUS(status) == SETUP_FAILED else 0
+    return 0
 
 
 def _passed_on(status: int) -> int:
@@ -255,7 +265,19 @@ def _hide_fds(verdict_fd: int, token_fd: int) -> tuple[int, int]:
     return verdict, token
 
 
-def _setup_failed(message: str) -> None:
-    print(f"sandbox: {message}", file=sys.stderr, flush=True)
-    os._exit(SETUP_FAILED)
+def _setup_failed(message: str, fds) -> None:
+    """Why on stderr, then on the verdict pipe. Exit code 125 counts only where no program
+    code runs (the supervisor, init); from the runner only the verdict does."""
+    try:
+        os.write(2, f"sandbox: {message}\n".encode("utf-8", "replace"))  # fd 2: sys.stderr may be anything
+    finally:
+        _verdict(fds, "sandbox", message, SETUP_FAILED)
+
+
+def _verdict(fds, kind: str, detail: str, code: int = 1) -> None:
+    """A failure, told the way the runner tells one (see _sandbox_runner.py), then exit."""
+    try:
+        os.write(fds[0], f"fail {kind}\n{detail}".encode("utf-8", "replace"))
+    finally:
+        os._exit(code)
 
