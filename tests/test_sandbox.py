@@ -115,9 +115,7 @@ def test_a_runner_that_cannot_be_set_up_reads_as_a_broken_sandbox(tmp_path):
     # program's to choose); here its working directory is gone before it starts.
     from dylora_moe.eval import _sandbox_server, sandbox
 
-    config = {"mode": "none", "uid": None, "gid": None, "workdir": str(tmp_path / "gone"), "timeout_s": 30,
-              "env": {}, "memory_bytes": 2**30, "cpu_seconds": 30, "file_bytes": 2**20, "max_processes": 64,
-              "tmpfs_mb": 16, "cleanup_dirs": []}
+    config = sandbox._config(Limits(timeout_s=30), "none", None, str(tmp_path / "gone"))
     reply = _sandbox_server.run_job(config, {"program": "print('ran')\n", "tests": ""}, 10_000)
     assert not reply["passed"] and "ran" not in reply["stdout"]
     assert sandbox._classify(reply["code"], reply["verdict"], reply["stdout_size"], Limits()) == "sandbox"

@@ -157,12 +157,16 @@ def _world_reachable(path: str, bits: int) -> bool:
         return False
 
 
+def _config(limits: Limits, mode: str, uid: int | None, workdir: str) -> dict:
+    """What the sandbox child needs of one job (_sandbox_child.py reads it)."""
+    return {"mode": mode, "uid": uid, "gid": uid, "workdir": workdir, "timeout_s": limits.timeout_s,
+            "env": CLEAN_ENV, "memory_bytes": limits.memory_mb * 2**20, "cpu_seconds": int(limits.timeout_s) + 1,
+            "file_bytes": limits.max_file_mb * 2**20, "max_processes": limits.max_processes,
+            "tmpfs_mb": limits.tmpfs_mb, "cleanup_dirs": list(WORLD_WRITABLE)}
+
+
 def _run(pool: "_Servers", program: Program, limits: Limits, mode: str, uid: int | None, workdir: str) -> Result:
-    config = {"mode": mode, "uid": uid, "gid": uid, "workdir": workdir, "timeout_s": limits.timeout_s,
-              "env": CLEAN_ENV, "memory_bytes": limits.memory_mb * 2**20, "cpu_seconds": int(limits.timeout_s) + 1,
-              "file_bytes": limits.max_file_mb * 2**20, "max_processes": limits.max_processes,
-              "tmpfs_mb": limits.tmpfs_mb, "cleanup_dirs": list(WORLD_WRITABLE)}
-    request = {"config": config, "job": {"program": program.code, "tests": program.tests},
+    request = {"config": _config(limits, mode, uid, workdir), "job": {"program": program.code, "tests": program.tests},
                "max_output": limits.max_output_bytes}
     start = time.monotonic()
     server = pool.get()
