@@ -11,7 +11,8 @@ Columns:
 - loss: validation loss per source (the mean over seeds, [min-max]); vs lora: the mean
   over sources of loss / the LoRA's; < 1 = the mixture wins.
 - params: trainable parameters; the LoRA's rank is the smallest whose parameters are at
-  least those of the first mixture variant asked (its own routers included).
+  least those of the first mixture variant asked (its own routers included), and its
+  alpha / r is that mixture's (a uniform mixture is that LoRA: docs/design.md).
 - least used: the smallest mean gate of an expert over the validation rows; separation:
   total variation between the two sources' mean gates (0 = the same experts, 1 = disjoint).
 - s/step: median seconds per optimizer step.
@@ -37,11 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "smollm2-135m.yaml"
 SOURCES = ("code_alpaca", "mbpp")
-# Recipe overrides per variant; "lora" gets its rank from the mixture's parameter count.
+# Recipe overrides per variant; "lora" gets its rank and alpha from the mixture (lora_overrides).
 VARIANTS = {
     "base": None,                                           # no training: the base's own numbers
-    # one LoRA at its own rate (--lora_lr: 2e-3, the best of {1e-3, 2e-3} in the sweep; 4e-3 measured
-    # too, docs/benchmarks.md); the mixture's is the recipe's 1e-3; no k-means start (one expert, nothing to split)
+    # one LoRA at its own rate (--lora_lr); no k-means start (one expert, nothing to split)
     "lora": ["--num_experts", "1", "--routing", "sequence", "--router_input", "embeddings", "--router_init", "normal"],
     "mixture": [],                                          # the recipe as shipped
     # the recipe's alternative: a router in every layer, per token, as MixLoRA, LoRAMoE and HydraLoRA route
@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--pass_tasks", default=",".join(PASS_TASKS), help="task sets for --pass_at_1")
     p.add_argument("--limit", type=int, help="pass@1 on the first N tasks only (a quick check)")
     p.add_argument("--extra", default="", help="more recipe overrides for every trained run")
-    p.add_argument("--lora_lr", default="2e-3", help="the LoRA's learning rate")
+    # 1e-3: the best of {5e-4, 1e-3, 2e-3} at the mixture's scale, as for the mixture (docs/benchmarks.md)
+    p.add_argument("--lora_lr", default="1e-3", help="the LoRA's learning rate")
     p.add_argument("--base_dir", help="a model folder instead of the fetched GGUF (bench/random_base.py: the "
                                       "real shape with random weights, for seconds per step on a GPU)")
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "real-base"))
@@ -115,6 +116,19 @@ def lora_rank(common: list[str], mixture: str) -> int:
     one, two = (trainable_parameters(common + VARIANTS["lora"] + ["--lora_r", str(r)]) for r in (1, 2))
     per_rank = two - one  # the rest (its one-expert router) does not grow with the rank
     return math.ceil((target - (one - per_rank)) / per_rank)
+
+
+def lora_overrides(common: list[str], mixture: str, learning_rate: str) -> list[str]:
+    """One LoRA of this mixture variant's budget, at the mixture's scale alpha / r: there a
+    uniform mixture of E experts of rank r is exactly one LoRA of rank E*r, so the two differ
+    only by what the router adds. At the recipe's alpha instead (16: a scale of 0.48 at rank
+    33, against the experts' 4) the LoRA trained worse at every rate tried (docs/benchmarks.md),
+    a handicap that flattered the mixture."""
+    from dylora_moe.recipe import load_recipe
+
+    rank = lora_rank(common, mixture)
+    alpha = load_recipe(str(RECIPE), common + VARIANTS[mixture]).moe.scaling * rank
+    return ["--lora_r", str(rank), "--lora_alpha", f"{alpha:g}", "--learning_rate", learning_rate]
 
 
 def train(out: Path, overrides: list[str], seed: int) -> None:
@@ -239,8 +253,8 @@ def main(argv=None) -> int:
     # per sequence); computed only for a LoRA run, as --extra may make a mixture invalid (say per-layer
     # routers with a k-means init, which they refuse)
     mixtures = [v for v in args.variants if v.startswith("mixture")] or ["mixture"]
-    rank = lora_rank(common, mixtures[0]) if "lora" in args.variants else None
-    lora = ["--lora_r", str(rank), "--learning_rate", args.lora_lr] if rank else []
+    lora = lora_overrides(common, mixtures[0], args.lora_lr) if "lora" in args.variants else []
+    rank = int(lora[1]) if lora else None
     overrides = {name: common + extra + (lora if name == "lora" else [])
                  for name, extra in VARIANTS.items() if extra is not None}
     work, started, results = Path(args.work), time.time(), {}
@@ -269,7 +283,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"recipe": str(RECIPE.relative_to(ROOT)), "seeds": args.seeds, "steps": args.steps,
-                               "lora_rank": rank, "extra": args.extra, "base_dir": args.base_dir, "results": results,
+                               "lora_rank": rank, "lora_alpha": float(lora[3]) if lora else None, "extra": args.extra, "base_dir": args.base_dir, "results": results,
                                "wall_s": time.time() - started}, indent=2) + "\n")
     print(f"\n## SmolLM2-135M-Instruct, Code Alpaca + MBPP (seeds {args.seeds}; LoRA rank {rank})\n\n{table(results)}")
     for name, r in results.items():

@@ -133,21 +133,29 @@ def test_a_file_that_is_not_gguf_is_one_line(smollm2, data_dir, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_the_benchmarks_lora_has_the_compared_mixtures_budget(smollm2, data_dir, monkeypatch):
-    """bench_real_base.py's claim "one LoRA of the same trainable parameters": its rank is the
-    smallest whose parameters reach the mixture asked for, and one rank less falls short."""
+def test_the_benchmarks_lora_has_the_compared_mixtures_budget_and_scale(smollm2, data_dir, monkeypatch):
+    """bench_real_base.py's claim "one LoRA of the same trainable parameters, at the mixture's
+    alpha / r": its rank is the smallest whose parameters reach the mixture asked for, one rank
+    less falls short, and its scale is the mixture's, whatever alpha the mixture is given."""
+    from dylora_moe.recipe import load_recipe
+
     monkeypatch.setenv("DYLORA_DATA_DIR", str(data_dir))
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import bench_real_base as bench
 
     common = ["--base_model", str(smollm2), "--gguf_file", GGUF, *bench.data_overrides()]
     ranks = {}
-    for mixture in ("mixture", "mixture-token"):
-        budget = bench.trainable_parameters(common + bench.VARIANTS[mixture])
-        rank = ranks[mixture] = bench.lora_rank(common, mixture)
-        lora = common + bench.VARIANTS["lora"]
+    for mixture, alpha in (("mixture", []), ("mixture-token", ["--lora_alpha", "8"])):
+        budget = bench.trainable_parameters(common + alpha + bench.VARIANTS[mixture])
+        lora = common + alpha + bench.VARIANTS["lora"]
+        overrides = bench.lora_overrides(common + alpha, mixture, "1e-3")
+        rank = ranks[mixture] = int(overrides[overrides.index("--lora_r") + 1])
         assert bench.trainable_parameters(lora + ["--lora_r", str(rank)]) >= budget
         assert bench.trainable_parameters(lora + ["--lora_r", str(rank - 1)]) < budget
+        ours, theirs = (load_recipe(str(bench.RECIPE), args).moe
+                        for args in (lora + overrides, common + alpha + bench.VARIANTS[mixture]))
+        assert (ours.num_experts, ours.lora_r) == (1, rank)
+        assert ours.scaling == pytest.approx(theirs.scaling)
     # the recipe's one router per sequence holds fewer parameters than one in every layer: a smaller LoRA
     assert ranks["mixture"] < ranks["mixture-token"]
 
