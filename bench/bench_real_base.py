@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "smollm2-135m.yaml"
 SOURCES = ("code_alpaca", "mbpp")
-# Recipe overrides per variant; "lora" gets its rank and alpha from the mixture (lora_overrides).
+# Recipe overrides per variant; "lora" gets its rank and alpha from the mixture (lora_shape).
 VARIANTS = {
     "base": None,                                           # no training: the base's own numbers
     # one LoRA at its own rate (--lora_lr); no k-means start (one expert, nothing to split)
@@ -118,17 +118,16 @@ def lora_rank(common: list[str], mixture: str) -> int:
     return math.ceil((target - (one - per_rank)) / per_rank)
 
 
-def lora_overrides(common: list[str], mixture: str, learning_rate: str) -> list[str]:
-    """One LoRA of this mixture variant's budget, at the mixture's scale alpha / r: there a
-    uniform mixture of E experts of rank r is exactly one LoRA of rank E*r, so the two differ
-    only by what the router adds. At the recipe's alpha instead (16: a scale of 0.48 at rank
-    33, against the experts' 4) the LoRA trained worse at every rate tried (docs/benchmarks.md),
-    a handicap that flattered the mixture."""
+def lora_shape(common: list[str], mixture: str) -> tuple[int, float]:
+    """The rank and alpha of one LoRA of this mixture variant's budget, at the mixture's scale
+    alpha / r: there a uniform mixture of E experts of rank r is exactly one LoRA of rank E*r,
+    so the two differ only by what the router adds. At the recipe's alpha instead (16: a scale
+    of 0.48 at rank 33, against the experts' 4) the LoRA trained worse at every rate tried
+    (docs/benchmarks.md), a handicap that flattered the mixture."""
     from dylora_moe.recipe import load_recipe
 
     rank = lora_rank(common, mixture)
-    alpha = load_recipe(str(RECIPE), common + VARIANTS[mixture]).moe.scaling * rank
-    return ["--lora_r", str(rank), "--lora_alpha", f"{alpha:g}", "--learning_rate", learning_rate]
+    return rank, load_recipe(str(RECIPE), common + VARIANTS[mixture]).moe.scaling * rank
 
 
 def train(out: Path, overrides: list[str], seed: int) -> None:
@@ -253,8 +252,8 @@ def main(argv=None) -> int:
     # per sequence); computed only for a LoRA run, as --extra may make a mixture invalid (say per-layer
     # routers with a k-means init, which they refuse)
     mixtures = [v for v in args.variants if v.startswith("mixture")] or ["mixture"]
-    lora = lora_overrides(common, mixtures[0], args.lora_lr) if "lora" in args.variants else []
-    rank = int(lora[1]) if lora else None
+    rank, alpha = lora_shape(common, mixtures[0]) if "lora" in args.variants else (None, None)
+    lora = ["--lora_r", str(rank), "--lora_alpha", str(alpha), "--learning_rate", args.lora_lr] if rank else []
     overrides = {name: common + extra + (lora if name == "lora" else [])
                  for name, extra in VARIANTS.items() if extra is not None}
     work, started, results = Path(args.work), time.time(), {}
@@ -283,7 +282,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"recipe": str(RECIPE.relative_to(ROOT)), "seeds": args.seeds, "steps": args.steps,
-                               "lora_rank": rank, "lora_alpha": float(lora[3]) if lora else None, "extra": args.extra, "base_dir": args.base_dir, "results": results,
+                               "lora_rank": rank, "lora_alpha": alpha, "extra": args.extra, "base_dir": args.base_dir,
+                               "results": results,
                                "wall_s": time.time() - started}, indent=2) + "\n")
     print(f"\n## SmolLM2-135M-Instruct, Code Alpaca + MBPP (seeds {args.seeds}; LoRA rank {rank})\n\n{table(results)}")
     for name, r in results.items():

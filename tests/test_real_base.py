@@ -148,14 +148,13 @@ def test_the_benchmarks_lora_has_the_compared_mixtures_budget_and_scale(smollm2,
     for mixture, alpha in (("mixture", []), ("mixture-token", ["--lora_alpha", "8"])):
         budget = bench.trainable_parameters(common + alpha + bench.VARIANTS[mixture])
         lora = common + alpha + bench.VARIANTS["lora"]
-        overrides = bench.lora_overrides(common + alpha, mixture, "1e-3")
-        rank = ranks[mixture] = int(overrides[overrides.index("--lora_r") + 1])
+        rank, lora_alpha = bench.lora_shape(common + alpha, mixture)
+        ranks[mixture] = rank
         assert bench.trainable_parameters(lora + ["--lora_r", str(rank)]) >= budget
         assert bench.trainable_parameters(lora + ["--lora_r", str(rank - 1)]) < budget
-        ours, theirs = (load_recipe(str(bench.RECIPE), args).moe
-                        for args in (lora + overrides, common + alpha + bench.VARIANTS[mixture]))
-        assert (ours.num_experts, ours.lora_r) == (1, rank)
-        assert ours.scaling == pytest.approx(theirs.scaling)
+        ours, theirs = (load_recipe(str(bench.RECIPE), args).moe for args in (
+            lora + ["--lora_r", str(rank), "--lora_alpha", str(lora_alpha)], common + alpha + bench.VARIANTS[mixture]))
+        assert ours.num_experts == 1 and ours.scaling == pytest.approx(theirs.scaling)
     # the recipe's one router per sequence holds fewer parameters than one in every layer: a smaller LoRA
     assert ranks["mixture"] < ranks["mixture-token"]
 
