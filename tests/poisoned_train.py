@@ -3,7 +3,7 @@ launched by tests/test_sharding.py, where an in-process monkeypatch cannot reach
 import sys
 
 from dylora_moe.model import DyLoRAMoE
-from dylora_moe.train.cli import main
+from dylora_moe.train.cli import exit_process, main
 
 original, calls = DyLoRAMoE.forward, {"n": 0}
 
@@ -18,4 +18,6 @@ def forward(self, *args, **kwargs):
 
 
 DyLoRAMoE.forward = forward
-sys.exit(main(sys.argv[1:]))
+# exit_process, as `python -m dylora_moe.train` ends: a plain sys.exit lets gloo's threads
+# abort the interpreter's teardown now and then (train/cli.py)
+exit_process(main(sys.argv[1:]))

@@ -127,4 +127,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from dylora_moe.train.cli import exit_process
+
     main()
+    exit_process(0)  # as `python -m dylora_moe.train` ends: gloo's threads can abort a plain teardown
