@@ -11,7 +11,7 @@ and MBPP files in $DYLORA_DATA_DIR as two local sources. The columns:
 - routed: validation loss per source with the routing generate/eval use (every gating
   infers as it trains);
 - vs lora-Er: mean over sources of routed loss / one LoRA of rank E*r (the same trainable
-  rank), < 1 = the mixture wins;
+  rank) at the experts' alpha / r, < 1 = the mixture wins;
 - least used: the smallest share of routing an expert gets on the validation set;
 - separation: total-variation distance between the sources' mean usage vectors (0 = the
   same experts, 1 = disjoint);
