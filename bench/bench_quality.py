@@ -31,9 +31,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "demo.yaml"
-EXPERTS, RANK, ALPHA = 4, 8, 16  # the demo recipe's
+_MOE = yaml.safe_load(RECIPE.read_text())["moe"]
+EXPERTS, RANK, ALPHA = _MOE["num_experts"], _MOE["lora_r"], _MOE["lora_alpha"]  # the demo recipe's
 LORA_LR = "5e-3"
 
 DENSE = ["--gating", "dense", "--temperature", "1.0", "--balance_coefficient", "0.1"]
